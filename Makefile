@@ -1,0 +1,49 @@
+# Bone-R: `make test` and `make serve` are the README's two quickstart commands.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum requirements.txt | cut -d' ' -f1)
+export YOLO_OFFLINE := 1
+export YOLO_CONFIG_DIR ?= $(CURDIR)/.venv/ultralytics-config
+
+HOST  ?= 127.0.0.1
+PORT  ?= 8000
+IMAGE ?=
+DATA  ?= ../shared/data
+OUT   ?= data/merged
+
+.PHONY: setup test test-fast serve predict dataset lint clean help
+
+help:
+	@echo "make test      set up .venv and run the test suite"
+	@echo "make serve     set up and serve the /detect API and viewer on the bundled model (http://$(HOST):$(PORT))"
+	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
+	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
+
+$(STAMP): requirements.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+setup: $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow and not browser"
+
+serve: setup
+	$(BIN)/python -m uvicorn app.main:app --host $(HOST) --port $(PORT)
+
+predict: setup
+	@test -n "$(IMAGE)" || (echo "usage: make predict IMAGE=path/to/xray.png (or a folder)"; exit 2)
+	$(BIN)/python inference.py --image "$(IMAGE)" --out prediction.png --json prediction.json
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf .pytest_cache .ruff_cache

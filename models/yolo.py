@@ -1,0 +1,37 @@
+"""Ultralytics YOLO backend (PyTorch).
+
+Ultralytics checkpoints are pickles: only load `.pt` files you trust (your own
+training runs, the bundled model). The service and CLI default to the bundled
+model; prefer an exported `.onnx` for anything received from elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from inference import Detection
+
+
+class YoloDetector:
+    def __init__(self, weights: str | Path, device: str = "cpu", imgsz: int = 640, iou: float = 0.7, max_det: int = 300):
+        os.environ.setdefault("YOLO_OFFLINE", "1")
+        from ultralytics import YOLO
+
+        path = Path(weights)
+        if not path.is_file():
+            raise FileNotFoundError(f"YOLO weights not found: {path}")
+        self.model = YOLO(str(path), task="detect")
+        self.device, self.imgsz, self.iou, self.max_det = device, int(imgsz), iou, max_det
+        self.name = f"yolo:{path.stem}"
+
+    def predict(self, rgb: np.ndarray, conf: float) -> list[Detection]:
+        # Ultralytics reads numpy input as BGR; harmonized images have three equal channels.
+        result = self.model.predict(rgb, conf=conf, iou=self.iou, imgsz=self.imgsz, max_det=self.max_det,
+                                    device=self.device, verbose=False)[0]
+        boxes = result.boxes
+        xyxy = boxes.xyxy.cpu().numpy()
+        scores = boxes.conf.cpu().numpy()
+        return [Detection(tuple(b), float(s), "fracture", self.name) for b, s in zip(xyxy, scores)]
