@@ -21,7 +21,6 @@ import json
 import math
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -231,19 +230,20 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str = "image")
 
 
 def _raster_header(data: bytes, fmt: str) -> tuple[int, int]:
-    """Width and height from the header alone (PIL reads no pixel data here)."""
-    from PIL import Image
+    """Width and height from the header alone: no pixel data is read.
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.size
-        except Image.DecompressionBombError as err:
-            # PIL's own (larger) limit fired first; report it in our terms.
-            raise ImageDecodeError(f"the image is too large to decode safely ({err})", "too_many_pixels") from None
-        except Exception as err:  # noqa: BLE001 - PIL raises many types for bad headers
-            raise ImageDecodeError(f"the {fmt.upper()} header is unreadable ({type(err).__name__})", "corrupt") from None
+    The format's PIL plugin is used directly (not `Image.open`) so that our own
+    pixel limit, not PIL's global one, decides what is too large.
+    """
+    from PIL import BmpImagePlugin, JpegImagePlugin, PngImagePlugin, TiffImagePlugin
+
+    plugin = {"png": PngImagePlugin.PngImageFile, "jpeg": JpegImagePlugin.JpegImageFile,
+              "tiff": TiffImagePlugin.TiffImageFile, "bmp": BmpImagePlugin.BmpImageFile}[fmt]
+    try:
+        with plugin(io.BytesIO(data)) as im:
+            return im.size
+    except Exception as err:  # noqa: BLE001 - PIL raises many types for bad headers
+        raise ImageDecodeError(f"the {fmt.upper()} header is unreadable ({type(err).__name__})", "corrupt") from None
 
 
 def _jpeg_is_truncated(data: bytes) -> bool:
@@ -361,7 +361,8 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
         try:
             lut_item = ds.VOILUTSequence[0]
             bits = int(lut_item.LUTDescriptor[2])
-            lut_out = np.asarray(apply_voi(values, ds, index=0), dtype=np.float64)
+            # A VOI LUT is indexed by integer values: round the modality output first.
+            lut_out = np.asarray(apply_voi(np.round(values).astype(np.int64), ds, index=0), dtype=np.float64)
             display = np.clip(lut_out / float(2**bits - 1), 0.0, 1.0)
             tags["voi"] = "lut"
             tags["VOILUTDescriptor"] = [int(v) for v in lut_item.LUTDescriptor]
