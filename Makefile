@@ -42,6 +42,9 @@ predict: setup
 	@test -n "$(IMAGE)" || (echo "usage: make predict IMAGE=path/to/xray.png (or a folder)"; exit 2)
 	$(BIN)/python inference.py --image "$(IMAGE)" --out prediction.png --json prediction.json
 
+dataset: setup
+	$(BIN)/python scripts/build_dataset.py --data $(DATA) --out $(OUT) $(if $(OVERWRITE),--overwrite)
+
 lint: setup
 	$(BIN)/ruff check .
 

@@ -1,0 +1,480 @@
+"""Benchmark models on one split through evaluate.py's functions, or time them (--speed).
+
+    # accuracy: every model on the same split -> console table + docs/data/benchmark.json
+    python benchmark.py --data data/merged/dataset.yaml --models yolo=weights/bone-r-default.pt onnx=weights/bone-r-default.onnx
+    # speed: median / p90 ms per image for each stage, PyTorch vs the default backend, one run
+    python benchmark.py --speed --models pt=weights/bone-r-default.pt onnx=weights/bone-r-default.onnx --threads 2
+
+Models are ``name=weights[:backend]`` (backend: a name from `models.available_backends()`;
+default: the model card's, else the file type) or a YAML list (``--models-yaml``) of
+``{name, weights, backend}``.
+
+Accuracy: each model predicts the split (boxes down to score 0.001) and is scored
+by `evaluate.run_evaluation`; its operating thresholds come from its model card
+(chosen on val by `evaluate.py --write-card`), else they are chosen on the val split
+now by `evaluate.choose_operating_points`. The JSON follows docs/data/benchmark.schema.json.
+
+Speed: on N images (default: synthetic 16-bit phantom radiographs of 2000x2500 px
+written as PNG to a temporary folder; or ``--images DIR``), after a warm-up, per model:
+decode (`inference.load_image`), harmonize (`inference.harmonize`), model
+(`detector.predict`), post (mapping to original pixels + hints) and end to end; for a
+YOLO ``.pt`` also plain Ultralytics ``YOLO(pt).predict(path)`` end to end on the same
+files. Every model predicts at its balanced threshold (the plain Ultralytics run uses the
+same conf and imgsz). ``--threads`` (default: all cores) caps torch's threads, OpenMP and
+the ONNX backend's intra-op threads (``BONE_R_ORT_THREADS``); it is set before any model loads.
+
+Research and teaching tool, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_OUT = ROOT / "docs" / "data" / "benchmark.json"
+SCHEMA_NAME = "benchmark.schema.json"
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    weights: Path
+    backend: str | None = None
+
+
+class BenchmarkError(ValueError):
+    """Bad input: the message is one line for a person."""
+
+
+def parse_model_spec(spec: str) -> ModelSpec:
+    """``name=weights[:backend]``; a bare path is named after its stem."""
+    from models import available_backends
+
+    name, sep, rest = spec.partition("=")
+    if not sep:
+        name, rest = Path(spec).stem, spec
+    if not name or not rest:
+        raise BenchmarkError(f"bad model spec {spec!r}: expected name=weights[:backend]")
+    backend = None
+    head, colon, tail = rest.rpartition(":")
+    if colon and tail in available_backends():
+        rest, backend = head, tail
+    return ModelSpec(name, Path(rest), backend)
+
+
+def load_models_yaml(path: str | Path) -> list[ModelSpec]:
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise BenchmarkError(f"models file not found: {path}")
+    data = yaml.safe_load(path.read_text())
+    if isinstance(data, dict):
+        data = data.get("models", data)
+    if not isinstance(data, list) or not all(isinstance(m, dict) and "weights" in m for m in data):
+        raise BenchmarkError(f"{path}: expected a list of {{name, weights, backend}}")
+    base = path.resolve().parent
+    specs = []
+    for m in data:
+        w = Path(m["weights"])
+        specs.append(ModelSpec(str(m.get("name") or w.stem), w if w.is_absolute() else base / w, m.get("backend")))
+    return specs
+
+
+def build_predictor(spec: ModelSpec, device: str = "cpu"):
+    import inference
+
+    try:
+        return inference.Predictor(spec.weights, spec.backend, device)
+    except (FileNotFoundError, ValueError, ImportError) as err:
+        raise BenchmarkError(f"model {spec.name}: {err}") from None
+    except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
+        raise BenchmarkError(f"model {spec.name}: cannot load {spec.weights}: {type(err).__name__}: {err}") from None
+
+
+def count_params(detector: Any) -> int | None:
+    """Parameters of a torch-backed detector (found on `.model`, `.model.model`, ...), else None."""
+    obj = detector
+    for _ in range(3):
+        params = getattr(obj, "parameters", None)
+        if callable(params):
+            try:
+                return int(sum(p.numel() for p in params()))
+            except TypeError:
+                return None
+        obj = getattr(obj, "model", None)
+        if obj is None:
+            return None
+    return None
+
+
+def git_commit() -> str | None:
+    """HEAD's short hash, with '+dirty' when the working tree has changes; None outside git."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) if sha else None
+
+
+def _stats(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"median": None, "p90": None}
+    values = sorted(values)
+    p90 = values[min(len(values) - 1, int(round(0.9 * (len(values) - 1))))]
+    return {"median": round(statistics.median(values), 2), "p90": round(p90, 2)}
+
+
+def _e2e_ms(record: dict[str, Any]) -> float | None:
+    t = record.get("timings_ms") or {}
+    keys = ("decode_ms", "harmonize_ms", "model_ms", "post_ms")
+    return sum(float(t[k]) for k in keys) if all(k in t for k in keys) else None
+
+
+# --------------------------------------------------------------------------- accuracy
+
+
+def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
+                    seed: int = 0, device: str = "cpu", progress: bool = True, predictor: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(benchmark row, full evaluate report) for one model."""
+    import evaluate
+
+    predictor = predictor or build_predictor(spec, device)
+    card_thresholds = (predictor.card or {}).get("thresholds")
+    try:
+        report = evaluate.run_evaluation(predictor, data, split, val_split, thresholds=card_thresholds or None,
+                                         threshold_source="model_card", n_boot=n_boot, seed=seed, progress=progress, keep_records=True)
+    except evaluate.EvaluationError as err:
+        raise BenchmarkError(f"model {spec.name}: {err}") from None
+    records = report.pop("_records")
+    ms = [v for v in map(_e2e_ms, records) if v is not None]
+    bal = report["image_level"].get("balanced") or {}
+    row = {
+        "name": spec.name,
+        "weights": str(spec.weights),
+        "backend": predictor.name,
+        "map50": report["box"]["map50"],
+        "map50_95": report["box"]["map50_95"],
+        "roc_auc": report["image_auc"]["roc_auc"],
+        "balanced": {
+            "threshold": report["operating_points"].get("balanced", {}).get("threshold"),
+            "sensitivity": bal.get("sensitivity"),
+            "specificity": bal.get("specificity"),
+        },
+        "thresholds_source": "model_card" if card_thresholds else "val",
+        "ms_per_image": _stats(ms) | {"n": len(ms), "what": "decode + harmonize + model + post, per image, during this evaluation"},
+        "params": count_params(predictor.detector),
+        "size_mb": round(spec.weights.stat().st_size / 2**20, 3) if spec.weights.is_file() else None,
+        "n_errors": len(report.get("errors", [])),
+    }
+    return row, report
+
+
+def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
+              seed: int = 0, device: str = "cpu", progress: bool = True, predictors: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every model on the same split -> the docs/data/benchmark.json payload."""
+    import evaluate
+
+    rows, first = [], None
+    for spec in specs:
+        row, report = benchmark_model(spec, data, split, val_split, n_boot=n_boot, seed=seed, device=device, progress=progress,
+                                      predictor=(predictors or {}).get(spec.name))
+        rows.append(row)
+        first = first or report
+    assert first is not None
+    return evaluate.jsonable({
+        "schema": SCHEMA_NAME,
+        "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "data": str(data),
+        "split": split,
+        "val_split": val_split,
+        "n_images": first["n_images"],
+        "n_positive": first["n_positive"],
+        "splits_sha256": first.get("splits_sha256"),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device},
+        "bootstrap": {"n_boot": n_boot, "seed": seed, "resampled": "groups"},
+        "models": rows,
+        "notes": first.get("notes", []),
+        "disclaimer": "Research and teaching tool, not a diagnosis.",
+    })
+
+
+def _ci(entry: dict | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    ci = entry.get("ci")
+    return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
+
+
+def format_table(payload: dict[str, Any]) -> str:
+    def num(x, d=3):
+        return "n/a" if x is None else f"{x:.{d}f}"
+
+    lines = [f"{payload['split']} split of {payload['data']}: {payload['n_images']} images, {payload['n_positive']} positive "
+             f"(commit {payload['commit']})",
+             f"{'model':<18} {'backend':<22} {'mAP50':>6} {'mAP50-95':>8} {'tau':>7} {'sens [95% CI]':<20} {'spec [95% CI]':<20} "
+             f"{'ms/img':>7} {'params':>10} {'MB':>7}"]
+    for r in payload["models"]:
+        lines.append(f"{r['name'][:18]:<18} {r['backend'][:22]:<22} {num(r['map50']):>6} {num(r['map50_95']):>8} "
+                     f"{num(r['balanced']['threshold'], 4):>7} {_ci(r['balanced']['sensitivity']):<20} {_ci(r['balanced']['specificity']):<20} "
+                     f"{num(r['ms_per_image']['median'], 1):>7} {r['params'] if r['params'] is not None else 'n/a':>10} "
+                     f"{num(r['size_mb'], 1):>7}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def write_phantoms(folder: Path, n: int, width: int, height: int, seed: int = 0) -> list[Path]:
+    """N 16-bit PNG phantom radiographs (tests/phantoms.py) of width x height."""
+    import cv2
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from phantoms import make_phantom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        path = folder / f"phantom_{i:03d}.png"
+        cv2.imwrite(str(path), make_phantom(height, width, fractured=i % 2 == 0, seed=seed + i, bits=16).pixels)
+        paths.append(path)
+    return paths
+
+
+def set_threads(threads: int) -> None:
+    """Cap the CPU threads of torch, OpenMP and the ONNX backend's sessions (set before models load)."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    os.environ["MKL_NUM_THREADS"] = str(threads)
+    os.environ["BONE_R_ORT_THREADS"] = str(threads)  # models/onnx.py: intra-op threads of new sessions
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+    # inter-op pools can only be sized before first use
+    import contextlib
+
+    with contextlib.suppress(RuntimeError):
+        torch.set_num_interop_threads(max(1, min(threads, 2)))
+
+
+def time_pipeline(predictor: Any, images: list[Path], warmup: int = 2, repeats: int = 1) -> dict[str, Any]:
+    """Median/p90 ms per image of each stage of `inference.Predictor` (the serving path)."""
+    import inference
+
+    for i in range(warmup):
+        predictor.predict(images[i % len(images)])
+    stages: dict[str, list[float]] = {k: [] for k in ("decode", "harmonize", "model", "post", "end_to_end")}
+    for _ in range(repeats):
+        for path in images:
+            t0 = time.perf_counter()
+            loaded = inference.load_image(path, max_pixels=predictor.max_pixels)
+            t1 = time.perf_counter()
+            pred = predictor.predict_loaded(loaded, str(path))
+            t2 = time.perf_counter()
+            stages["decode"].append((t1 - t0) * 1e3)
+            stages["harmonize"].append(pred.timings_ms["harmonize_ms"])
+            stages["model"].append(pred.timings_ms["model_ms"])
+            stages["post"].append(pred.timings_ms["post_ms"])
+            stages["end_to_end"].append((t2 - t0) * 1e3)
+    return {k: _stats(v) for k, v in stages.items()} | {"n": len(stages["end_to_end"])}
+
+
+def time_plain_ultralytics(weights: Path, images: list[Path], conf: float, imgsz: int, device: str = "cpu",
+                           warmup: int = 2, repeats: int = 1) -> dict[str, Any]:
+    """Plain `YOLO(pt).predict(path)` end to end (it decodes the file itself, no harmonization)."""
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    from ultralytics import YOLO
+
+    model = YOLO(str(weights), task="detect")
+    kw = {"conf": conf, "imgsz": imgsz, "device": device, "verbose": False}
+    for i in range(warmup):
+        model.predict(str(images[i % len(images)]), **kw)
+    times = []
+    for _ in range(repeats):
+        for path in images:
+            t0 = time.perf_counter()
+            model.predict(str(path), **kw)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return {"end_to_end": _stats(times), "n": len(times), "conf": conf, "imgsz": imgsz}
+
+
+def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeats: int = 1, threads: int | None = None,
+          device: str = "cpu", predictors: dict[str, Any] | None = None, plain_ultralytics: bool = True) -> dict[str, Any]:
+    """Time every model on the same images in one run; ratios against plain Ultralytics PyTorch."""
+    from tqdm import tqdm
+
+    import inference
+
+    if threads:
+        set_threads(threads)
+    rows = []
+    baseline = None
+    for spec in tqdm(specs, desc="speed", unit="model"):
+        predictor = (predictors or {}).get(spec.name) or build_predictor(spec, device)
+        row: dict[str, Any] = {"name": spec.name, "weights": str(spec.weights), "backend": predictor.name}
+        row |= {"stages_ms": time_pipeline(predictor, images, warmup, repeats)}
+        if plain_ultralytics and spec.weights.suffix == ".pt" and str(predictor.name).startswith("yolo"):
+            conf, _ = inference.resolve_threshold("balanced", predictor.card)
+            imgsz = int((predictor.card or {}).get("imgsz") or getattr(predictor.detector, "imgsz", 640))
+            row["plain_ultralytics_ms"] = time_plain_ultralytics(spec.weights, images, conf, imgsz, device, warmup, repeats)
+            if baseline is None:
+                baseline = (spec.name, row["plain_ultralytics_ms"]["end_to_end"]["median"])
+        rows.append(row)
+    for row in rows:
+        med = row["stages_ms"]["end_to_end"]["median"]
+        if baseline and baseline[1] and med:
+            row["speedup_vs_plain_pytorch"] = round(baseline[1] / med, 3)
+    from evaluate import image_size
+
+    sizes = sorted({image_size(Path(p)) for p in images})
+    return {
+        "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads, "device": device},
+        "images": {"n": len(images), "sizes_wh": [list(s) for s in sizes], "warmup": warmup, "repeats": repeats},
+        "baseline": None if baseline is None else {"model": baseline[0], "what": "plain Ultralytics YOLO(pt).predict(path)",
+                                                   "end_to_end_median_ms": baseline[1]},
+        "models": rows,
+        "notes": ["speedup_vs_plain_pytorch = plain Ultralytics median end-to-end ms / this model's median end-to-end ms (>1: faster)",
+                  "threads: torch.set_num_threads, OMP_NUM_THREADS and BONE_R_ORT_THREADS (ONNX Runtime intra-op) = --threads"],
+    }
+
+
+def format_speed(payload: dict[str, Any]) -> str:
+    def ms(s):
+        return "n/a" if s is None or s.get("median") is None else f"{s['median']:.1f}/{s['p90']:.1f}"
+
+    lines = [f"{payload['images']['n']} image(s) {payload['images']['sizes_wh']}, threads {payload['machine']['threads']}, "
+             f"warmup {payload['images']['warmup']}; median/p90 ms per image",
+             f"{'model':<16} {'backend':<22} {'decode':>13} {'harmonize':>13} {'model':>13} {'post':>11} {'end-to-end':>13} "
+             f"{'plain UL':>13} {'speedup':>8}"]
+    for r in payload["models"]:
+        s = r["stages_ms"]
+        plain = (r.get("plain_ultralytics_ms") or {}).get("end_to_end")
+        sp = r.get("speedup_vs_plain_pytorch")
+        lines.append(f"{r['name'][:16]:<16} {r['backend'][:22]:<22} {ms(s['decode']):>13} {ms(s['harmonize']):>13} {ms(s['model']):>13} "
+                     f"{ms(s['post']):>11} {ms(s['end_to_end']):>13} {ms(plain):>13} {f'x{sp:.2f}' if sp else 'n/a':>8}")
+    if payload.get("baseline"):
+        lines.append(f"speedup = plain Ultralytics ({payload['baseline']['model']}) median / the row's median end-to-end")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, got {text!r}") from None
+    if w < 32 or h < 32:
+        raise argparse.ArgumentTypeError("width and height must be >= 32")
+    return w, h
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark models on one split (accuracy) or time them (--speed). Research tool, not a diagnosis.")
+    p.add_argument("--models", nargs="+", default=[], metavar="NAME=WEIGHTS[:BACKEND]", help="models to compare")
+    p.add_argument("--models-yaml", type=Path, help="a YAML list of {name, weights, backend}")
+    p.add_argument("--data", type=Path, help="dataset yaml (accuracy mode)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--val-split", default="val", help="where thresholds are chosen for models whose card has none")
+    p.add_argument("--n-boot", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", type=Path, default=None, help=f"accuracy JSON (default: {DEFAULT_OUT.relative_to(ROOT)})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    s = p.add_argument_group("speed mode")
+    s.add_argument("--speed", action="store_true", help="time each stage instead of scoring")
+    s.add_argument("--images", type=Path, help="images to time (default: synthetic phantoms)")
+    s.add_argument("--n", type=int, default=10, help="number of synthetic phantoms (or the first N of --images)")
+    s.add_argument("--size", type=_size, default=(2000, 2500), help="phantom WIDTHxHEIGHT (default 2000x2500)")
+    s.add_argument("--warmup", type=int, default=2)
+    s.add_argument("--repeats", type=int, default=1, help="passes over the images")
+    s.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for torch/OpenMP (default: all cores)")
+    s.add_argument("--no-plain", action="store_true", help="skip the plain Ultralytics baseline")
+    s.add_argument("--json", type=Path, help="save the speed results as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        specs = [parse_model_spec(m) for m in args.models]
+        if args.models_yaml:
+            specs += load_models_yaml(args.models_yaml)
+        if not specs:
+            raise BenchmarkError("no models: pass --models NAME=WEIGHTS[:BACKEND] ... or --models-yaml")
+        if len({s.name for s in specs}) != len(specs):
+            raise BenchmarkError("model names must be unique")
+        for spec in specs:
+            if not spec.weights.is_file():
+                raise BenchmarkError(f"model {spec.name}: weights not found: {spec.weights}")
+        if args.speed:
+            if args.n < 1 or args.warmup < 0 or args.repeats < 1 or (args.threads is not None and args.threads < 1):
+                raise BenchmarkError("--n and --repeats must be >= 1, --warmup >= 0, --threads >= 1")
+            return _main_speed(args, specs)
+        if args.data is None:
+            raise BenchmarkError("--data is required (or pass --speed)")
+        if args.n_boot < 0:
+            raise BenchmarkError("--n-boot must be >= 0")
+        payload = benchmark(specs, args.data, args.split, args.val_split, n_boot=args.n_boot, seed=args.seed,
+                            device=args.device, progress=not args.quiet)
+    except BenchmarkError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # evaluate.EvaluationError and friends
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    out = args.out or DEFAULT_OUT
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(format_table(payload))
+    print(f"wrote {out}")
+    print("Research and teaching tool, not a diagnosis.")
+    return 0
+
+
+def _main_speed(args: argparse.Namespace, specs: list[ModelSpec]) -> int:
+    import inference
+
+    if args.threads:
+        set_threads(args.threads)  # before any model loads
+    with tempfile.TemporaryDirectory(prefix="bone-r-speed-") as tmp:
+        if args.images:
+            if not args.images.is_dir():
+                raise BenchmarkError(f"not a folder: {args.images}")
+            images = inference.list_images(args.images)[: args.n]
+            if not images:
+                raise BenchmarkError(f"no images in {args.images}")
+        else:
+            images = write_phantoms(Path(tmp), args.n, *args.size)
+        payload = speed(specs, images, warmup=args.warmup, repeats=args.repeats, threads=args.threads, device=args.device,
+                        plain_ultralytics=not args.no_plain)
+        payload["images"]["source"] = str(args.images) if args.images else f"synthetic phantoms {args.size[0]}x{args.size[1]} (16-bit PNG)"
+    print(format_speed(payload))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,683 @@
+"""evaluate.py: metric functions against hand-computed answers, pycocotools agreement,
+threshold selection, group bootstrap, the --predictions/--weights CLI on a phantom tree,
+and the model card update.
+
+Hand-computed COCO APs use pycocotools' 101-point interpolation: AP = mean over recall
+r in {0, 0.01, ..., 1} of the highest precision at recall >= r (0 past the last recall).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+import evaluate as ev
+import inference
+from inference import Detection
+from phantoms import write_dataset
+
+# --------------------------------------------------------------------------- helpers (also used by the other test files)
+
+
+def make_gt(boxes_per_image, size=(100, 100), groups=None, sources=None, regions=None) -> ev.GroundTruth:
+    images = []
+    for i, boxes in enumerate(boxes_per_image):
+        b = np.array(boxes, dtype=float).reshape(-1, 4)
+        key = f"images/test/{i:03d}.png"
+        images.append(ev.GTImage(Path("/fixture") / key, key, size[0], size[1], b, int(len(b) > 0),
+                                 (sources or {}).get(i, "unknown"), (regions or {}).get(i, "unknown"),
+                                 groups[i] if groups else key))
+    return ev.GroundTruth(images, "test", "fixture")
+
+
+def pred(boxes=(), scores=()) -> ev.ImagePrediction:
+    return ev.ImagePrediction(np.array(boxes, dtype=float).reshape(-1, 4), np.array(scores, dtype=float))
+
+
+N_TREE = 18  # write_dataset: image i goes to split ("train", "val", "test")[i % 3], fractured iff i is even
+VAL = [1, 4, 7, 10, 13, 16]  # positives 4, 10, 16
+TEST = [2, 5, 8, 11, 14, 17]  # positives 2, 8, 14
+WRONG_BOX = [0.0, 0.0, 10.0, 10.0]  # a corner: no phantom's fracture box is there
+
+
+def write_tree(root: Path, *, splits_csv: bool = True, contract: bool = False, yaml_path: str | None = ".") -> list:
+    """The phantom tree used by the CLI tests: 18 images of 200x256, 6 per split."""
+    phantoms = write_dataset(root, n=N_TREE, size=(256, 200), positives=0.5)
+    lines = ([f"path: {yaml_path}"] if yaml_path else []) + ["train: images/train", "val: images/val", "test: images/test",
+                                                                "names:", "  0: fracture"]
+    (root / "dataset.yaml").write_text("\n".join(lines) + "\n")
+    if splits_csv:
+        with open(root / "splits.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["path", "split", "source", "region", "group", "label", "sha256", "weak"])
+            for i, ph in enumerate(phantoms):
+                split = ("train", "val", "test")[i % 3]
+                rel = f"images/{split}/ph{i:03d}.png"
+                w.writerow([rel, split, "alpha" if i < 9 else "beta", "hand" if i % 2 else "leg", f"g{i}",
+                            int(ph.box is not None), hashlib.sha256((root / rel).read_bytes()).hexdigest(), 0])
+    if contract:
+        inference.Contract().save(root / "contract.json")
+    return phantoms
+
+
+def image_path(root: Path, i: int) -> Path:
+    return root / "images" / ("train", "val", "test")[i % 3] / f"ph{i:03d}.png"
+
+
+# (image index -> detections [xyxy, score]); "exact" = the phantom's own fracture box.
+HANDCRAFTED = {
+    4: [("exact", 0.9)], 10: [("exact", 0.6)], 16: [("exact", 0.4)], 1: [(WRONG_BOX, 0.5)], 7: [(WRONG_BOX, 0.2)], 13: [],
+    2: [("exact", 0.8)], 8: [(WRONG_BOX, 0.7)], 14: [("exact", 0.3)], 5: [(WRONG_BOX, 0.45)], 11: [], 17: [(WRONG_BOX, 0.65)],
+}
+
+
+def handcrafted_records(root: Path, phantoms, skip=()) -> list[dict]:
+    records = []
+    for i, dets in HANDCRAFTED.items():
+        if i in skip:
+            continue
+        out = [{"xyxy": list(phantoms[i].box) if box == "exact" else box, "score": s, "label": "fracture", "model": "hand"}
+               for box, s in dets]
+        records.append({"image": str(image_path(root, i)), "image_size": [200, 256], "fracture_detected": False,
+                        "threshold": 0.25, "mode": "balanced", "detections": out})
+    return records
+
+
+def rgb_key(rgb: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rgb).tobytes()).hexdigest()
+
+
+class OracleDetector:
+    """A detector that knows the answer for each image it was told about (keyed by the RGB it receives)."""
+
+    def __init__(self, weights, device: str = "cpu", imgsz: int | None = None):
+        self.table = json.loads(Path(weights).read_text())
+        self.name = "oracle"
+        self.unknown = 0
+
+    def predict(self, rgb, conf):
+        rows = self.table.get(rgb_key(rgb))
+        if rows is None:
+            self.unknown += 1
+            return []
+        return [Detection(tuple(r[:4]), r[4], "fracture", self.name) for r in rows if r[4] >= conf]
+
+
+def write_oracle(folder: Path, root: Path, phantoms, contract: inference.Contract | None, card: dict | None = None) -> Path:
+    """Oracle weights answering HANDCRAFTED for the images as harmonized by `contract` (None = fed as stored)."""
+    table = {}
+    for i, dets in HANDCRAFTED.items():
+        gray = inference.load_image(image_path(root, i)).pixels
+        rgb = inference.harmonize(gray, contract or ev.IDENTITY_CONTRACT)
+        table[rgb_key(rgb)] = [(list(phantoms[i].box) if box == "exact" else box) + [s] for box, s in dets]
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / "oracle.bin"
+    weights.write_text(json.dumps(table))
+    if card is not None:
+        (folder / "oracle.json").write_text(json.dumps(card))
+    return weights
+
+
+@pytest.fixture
+def oracle_backend(monkeypatch):
+    import models
+
+    monkeypatch.setitem(models._REGISTRY, "oracle", f"{__name__}:OracleDetector")
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "ds"
+    phantoms = write_tree(root)
+    return root, phantoms
+
+
+# --------------------------------------------------------------------------- box metrics
+
+
+def test_box_iou_known_values():
+    iou = ev.box_iou([[0, 0, 10, 10]], [[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
+    assert iou[0].tolist() == pytest.approx([1.0, 50 / 150, 0.0, 0.0])
+
+
+def test_box_metrics_perfect_predictions_score_one():
+    gt = make_gt([[[10, 10, 50, 50]], [[20, 20, 60, 70], [70, 70, 90, 95]], []])
+    preds = [pred([[10, 10, 50, 50]], [0.9]), pred([[20, 20, 60, 70], [70, 70, 90, 95]], [0.8, 0.7]), pred()]
+    m = ev.box_metrics(gt, preds)
+    assert (m["map50"], m["map50_95"], m["n_gt_boxes"]) == (1.0, 1.0, 3)
+
+
+def test_box_metrics_worst_predictions_score_zero():
+    gt = make_gt([[[10, 10, 50, 50]], []])
+    preds = [pred([[60, 60, 90, 90]], [0.9]), pred([[10, 10, 50, 50]], [0.8])]  # misses, plus a box on the negative
+    m = ev.box_metrics(gt, preds)
+    assert (m["map50"], m["map50_95"]) == (0.0, 0.0)
+
+
+def test_box_metrics_no_detections_and_no_boxes():
+    m = ev.box_metrics(make_gt([[[10, 10, 50, 50]], []]), [pred(), None])
+    assert (m["map50"], m["map50_95"], m["n_detections"]) == (0.0, 0.0, 0)
+    m = ev.box_metrics(make_gt([[], []]), [pred([[1, 1, 5, 5]], [0.9]), pred()])  # all negatives: AP undefined
+    assert m["map50"] is None and m["map50_95"] is None and "undefined" in m["note"]
+
+
+def test_box_metrics_duplicate_detection_on_one_box():
+    # ranked: TP (0.9), duplicate of it = FP (0.8), TP (0.7) -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1
+    # interpolated: 1.0 for r <= 0.50 (51 points), 2/3 for r in 0.51..1.00 (50 points)
+    gt = make_gt([[[10, 10, 50, 50]], [[20, 20, 60, 70]]])
+    preds = [pred([[10, 10, 50, 50], [10, 10, 50, 50]], [0.9, 0.8]), pred([[20, 20, 60, 70]], [0.7])]
+    m = ev.box_metrics(gt, preds)
+    expected = (51 * 1.0 + 50 * 2 / 3) / 101
+    assert m["map50"] == pytest.approx(expected, abs=1e-6)
+    assert m["map50_95"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_box_metrics_agree_with_direct_pycocotools(tmp_path):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    rng = np.random.default_rng(3)
+    gt_boxes, preds = [], []
+    for _ in range(12):
+        n = int(rng.integers(0, 3))
+        xy = rng.uniform(0, 120, (n, 2))
+        boxes = np.concatenate([xy, xy + rng.uniform(10, 60, (n, 2))], axis=1)
+        gt_boxes.append(boxes.tolist())
+        jitter = boxes + rng.normal(0, 4, boxes.shape)
+        jitter[:, 2:] = np.maximum(jitter[:, 2:], jitter[:, :2] + 1)
+        fxy = rng.uniform(0, 150, (3, 2))
+        fps = np.concatenate([fxy, fxy + rng.uniform(5, 40, (3, 2))], axis=1)
+        preds.append(pred(np.vstack([jitter, fps]), rng.uniform(0.01, 1, n + 3)))
+    gt = make_gt(gt_boxes, size=(200, 200))
+    ours = ev.box_metrics(gt, preds)
+
+    # the reference: pycocotools with its default settings, from files
+    ds = {"images": [{"id": i + 1, "width": 200, "height": 200} for i in range(12)], "categories": [{"id": 1, "name": "f"}],
+          "annotations": []}
+    dets = []
+    for i, (boxes, p) in enumerate(zip(gt_boxes, preds)):
+        for x1, y1, x2, y2 in boxes:
+            ds["annotations"].append({"id": len(ds["annotations"]) + 1, "image_id": i + 1, "category_id": 1,
+                                      "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+        for (x1, y1, x2, y2), s in zip(p.boxes, p.scores):
+            dets.append({"image_id": i + 1, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(s)})
+    (tmp_path / "gt.json").write_text(json.dumps(ds))
+    coco = COCO(str(tmp_path / "gt.json"))
+    e = COCOeval(coco, coco.loadRes(dets), "bbox")
+    e.evaluate()
+    e.accumulate()
+    e.summarize()
+    assert 0.05 < e.stats[1] < 0.99  # a fixture that exercises partial matches
+    assert ours["map50_95"] == pytest.approx(e.stats[0], abs=1e-6)
+    assert ours["map50"] == pytest.approx(e.stats[1], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- image level
+
+
+def test_image_level_hand_computed():
+    # labels 1,1,1,0,0,0; scores .9 .5 0 .6 .1 0 at tau .5: TP 2 (0.5 counts: ties are positive), FN 1, FP 1, TN 2
+    r = ev.image_level([1, 1, 1, 0, 0, 0], [0.9, 0.5, 0.0, 0.6, 0.1, 0.0], 0.5, n_boot=0)
+    assert (r["tp"], r["fn"], r["fp"], r["tn"]) == (2, 1, 1, 2)
+    for k in ("sensitivity", "specificity", "ppv", "npv"):
+        assert r[k]["value"] == pytest.approx(2 / 3, abs=1e-6)
+        assert r[k]["ci"] is None
+
+
+def test_image_level_score_zero_is_never_positive():
+    r = ev.image_level([1, 0], [0.0, 0.0], 0.0, n_boot=0)
+    assert (r["tp"], r["fp"]) == (0, 0)
+
+
+def test_image_level_perfect_and_worst():
+    perfect = ev.image_level([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0], 0.5, n_boot=200)
+    assert all(perfect[k]["value"] == 1.0 and perfect[k]["ci"] == [1.0, 1.0] for k in ("sensitivity", "specificity", "ppv", "npv"))
+    worst = ev.image_level([1, 1, 0, 0], [0.1, 0.0, 0.9, 0.8], 0.5, n_boot=200)
+    assert all(worst[k]["value"] == 0.0 for k in ("sensitivity", "specificity", "ppv", "npv"))
+
+
+def test_image_level_undefined_metrics_are_null_not_errors():
+    r = ev.image_level([0, 0, 0], [0.9, 0.1, 0.0], 0.5, n_boot=100)  # all negatives
+    assert r["sensitivity"]["value"] is None and r["sensitivity"]["ci"] is None and "no positive" in r["sensitivity"]["note"]
+    assert r["npv"]["value"] == 1.0 and r["specificity"]["value"] == pytest.approx(2 / 3, abs=1e-6)
+    r = ev.image_level([1, 0], [0.1, 0.2], 0.5, n_boot=100)  # nothing predicted positive
+    assert r["ppv"]["value"] is None and "predicted positive" in r["ppv"]["note"]
+    r = ev.image_level([], [], 0.5, n_boot=100)  # no images at all
+    assert r["n_images"] == 0 and r["sensitivity"]["value"] is None
+
+
+def test_bootstrap_is_deterministic_under_seed():
+    rng = np.random.default_rng(0)
+    labels, scores = rng.integers(0, 2, 60), rng.uniform(0, 1, 60)
+    a = ev.image_level(labels, scores, 0.5, n_boot=300, seed=7)
+    b = ev.image_level(labels, scores, 0.5, n_boot=300, seed=7)
+    c = ev.image_level(labels, scores, 0.5, n_boot=300, seed=8)
+    assert a == b
+    assert a["sensitivity"]["ci"] != c["sensitivity"]["ci"] or a["specificity"]["ci"] != c["specificity"]["ci"]
+
+
+def test_bootstrap_resamples_groups_not_images():
+    # 20 positives in 5 groups of 4 identical images: 3 groups found, 2 missed (sensitivity 0.6).
+    labels = [1] * 20
+    scores = [0.9] * 12 + [0.1] * 8
+    groups = [i // 4 for i in range(20)]
+    clustered = ev.image_level(labels, scores, 0.5, groups=groups, n_boot=2000, seed=0)["sensitivity"]
+    independent = ev.image_level(labels, scores, 0.5, groups=None, n_boot=2000, seed=0)["sensitivity"]
+    assert clustered["value"] == independent["value"] == 0.6
+    width = lambda e: e["ci"][1] - e["ci"][0]  # noqa: E731
+    assert width(clustered) > width(independent) + 0.1
+    # one group per image is the same as no groups
+    assert ev.image_level(labels, scores, 0.5, groups=list(range(20)), n_boot=500)["sensitivity"] == \
+        ev.image_level(labels, scores, 0.5, n_boot=500)["sensitivity"]
+
+
+def test_bootstrap_counts_draws_whole_groups():
+    counts = np.array([[1, 0], [0, 3], [2, 2]])  # per group: two cells
+    sums = ev.bootstrap_counts(counts, 500, 0)
+    assert sums.shape == (500, 2)
+    # every resample is a sum of 3 whole rows: the total is 1, 3 or 4 per draw
+    totals = sums.sum(axis=1)
+    assert set(np.unique(totals)).issubset({3, 5, 7, 9, 11, 12, 6, 8, 10, 4})
+    assert abs(sums[:, 0].mean() - 3.0) < 0.2  # E = 3 * mean(1, 0, 2)
+
+
+# --------------------------------------------------------------------------- operating points
+
+CRAFTED_POS = [0.9, 0.8, 0.7, 0.6, 0.3]
+CRAFTED_NEG = [0.85, 0.5, 0.4, 0.2, 0.1, 0.05, 0.0, 0.0, 0.0, 0.0]
+
+
+def crafted():
+    return [1] * 5 + [0] * 10, CRAFTED_POS + CRAFTED_NEG
+
+
+def test_choose_operating_points_crafted_set():
+    labels, scores = crafted()
+    ops = ev.choose_operating_points(labels, scores, 0.95, 0.95)
+    # screening: every positive needed -> the largest tau keeping 0.3 in: 0.3 (negatives .85 .5 .4 above: spec 0.7)
+    assert ops["screening"]["threshold"] == 0.3
+    assert (ops["screening"]["val_sensitivity"], ops["screening"]["val_specificity"]) == (1.0, 0.7)
+    # balanced: J = 0.7 at tau 0.3 and at tau 0.6 (sens 0.8, spec 0.9): the tie goes to the higher tau
+    assert ops["balanced"]["threshold"] == 0.6
+    # specific: no false positive allowed (10 negatives) -> above 0.85 -> the next observed score 0.9
+    assert ops["specific"]["threshold"] == 0.9
+    assert (ops["specific"]["val_sensitivity"], ops["specific"]["val_specificity"]) == (0.2, 1.0)
+    assert all(op["target_reached"] and op["source"] == "val" for op in ops.values())
+
+
+def test_choose_operating_points_other_targets():
+    labels, scores = crafted()
+    ops = ev.choose_operating_points(labels, scores, target_sensitivity=0.8, target_specificity=0.9)
+    assert ops["screening"]["threshold"] == 0.6  # 4 of 5 positives: keep 0.6, drop 0.3
+    assert ops["specific"]["threshold"] == 0.6  # one false positive (0.85) allowed: smallest tau above 0.5
+
+
+def test_choose_operating_points_thresholds_reproduce_val_numbers():
+    labels, scores = crafted()
+    for op in ev.choose_operating_points(labels, scores).values():
+        r = ev.image_level(labels, scores, op["threshold"], n_boot=0)
+        assert r["sensitivity"]["value"] == op["val_sensitivity"]
+        assert r["specificity"]["value"] == op["val_specificity"]
+
+
+def test_choose_operating_points_unreachable_and_bad_input():
+    # one positive has no detection: sensitivity can never exceed 0.5
+    ops = ev.choose_operating_points([1, 1, 0], [0.5, 0.0, 0.2], 0.95, 0.95)
+    assert ops["screening"]["target_reached"] is False
+    assert ops["screening"]["threshold"] == 0.5 and ops["screening"]["val_sensitivity"] == 0.5
+    # the top score is a negative: only a tau above every score gives specificity 1
+    ops = ev.choose_operating_points([1, 0], [0.3, 0.7])
+    assert ops["specific"]["threshold"] > 0.7 and ops["specific"]["val_specificity"] == 1.0
+    with pytest.raises(ValueError, match="positives and negatives"):
+        ev.choose_operating_points([1, 1], [0.5, 0.6])
+    with pytest.raises(ValueError, match="no validation image has a detection"):
+        ev.choose_operating_points([1, 0], [0.0, 0.0])
+
+
+# --------------------------------------------------------------------------- localization and FROC
+
+
+def loc_fixture():
+    gt = make_gt([[[10, 10, 30, 30]], [[50, 50, 90, 90]], []])
+    preds = [pred([[12, 12, 30, 30]], [0.8]),  # IoU 324/400 = 0.81: found
+             pred([[0, 0, 20, 20]], [0.9]),  # flagged but in the wrong place
+             pred([[0, 0, 10, 10]], [0.7])]  # a false positive on the negative
+    return gt, preds
+
+
+def test_localization_counts_only_boxes_on_the_fracture():
+    gt, preds = loc_fixture()
+    loc = ev.localization_metrics(gt, preds, 0.5, iou=0.3, n_boot=0)
+    assert (loc["found"], loc["mislocalized"], loc["missed"], loc["n_positive"]) == (1, 1, 1, 2)
+    assert loc["sensitivity"]["value"] == 0.5
+    assert ev.image_level(gt.labels, ev.image_scores(preds), 0.5, n_boot=0)["sensitivity"]["value"] == 1.0
+    # with a looser IoU requirement the 0.81 box still counts, with a stricter one it does not
+    assert ev.localization_metrics(gt, preds, 0.5, iou=0.85, n_boot=0)["found"] == 0
+
+
+def test_froc_points():
+    gt, preds = loc_fixture()
+    pts = {p["threshold"]: p for p in ev.froc(gt, preds, iou=0.3, thresholds=[0.5, 0.85, 0.95])}
+    assert (pts[0.5]["sensitivity"], pts[0.5]["fp_per_image"]) == (0.5, pytest.approx(2 / 3, abs=1e-6))
+    assert (pts[0.85]["sensitivity"], pts[0.85]["fp_per_image"]) == (0.0, pytest.approx(1 / 3, abs=1e-6))
+    assert (pts[0.95]["sensitivity"], pts[0.95]["fp_per_image"]) == (0.0, 0.0)
+    assert pts[0.5]["n_lesions"] == 2
+
+
+def test_roc_auc_with_ties():
+    assert ev.roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0]) == 1.0
+    assert ev.roc_auc([1, 0], [0.5, 0.5]) == 0.5
+    assert ev.roc_auc([0, 0], [0.5, 0.1]) is None
+
+
+# --------------------------------------------------------------------------- ground truth
+
+
+def test_load_ground_truth_phantom_tree(tree):
+    root, phantoms = tree
+    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    assert [Path(im.key).name for im in gt.images] == [f"ph{i:03d}.png" for i in TEST]
+    assert gt.n_positive == 3 and gt.splits_sha256 == inference.sha256_file(root / "splits.csv")
+    for im, i in zip(gt.images, TEST):
+        assert (im.width, im.height) == (200, 256)
+        if phantoms[i].box is None:
+            assert im.boxes.shape == (0, 4) and im.label == 0
+        else:
+            np.testing.assert_allclose(im.boxes[0], phantoms[i].box, atol=0.01)
+        assert (im.source, im.region, im.group) == ("alpha" if i < 9 else "beta", "hand" if i % 2 else "leg", f"g{i}")
+    assert gt.notes == []
+
+
+def test_load_ground_truth_without_splits_csv_and_path_key(tmp_path):
+    root = tmp_path / "ds"
+    write_tree(root, splits_csv=False, yaml_path=None)
+    gt = ev.load_ground_truth(root / "dataset.yaml", "val")
+    assert len(gt) == 6 and {im.source for im in gt.images} == {"unknown"}
+    assert gt.groups == [im.key for im in gt.images]
+    assert any("no splits.csv" in n for n in gt.notes)
+    # a yaml elsewhere with a relative path: relative to the yaml's folder
+    (tmp_path / "other.yaml").write_text("path: ds\nval: images/val\ntest: images/test\nnames: {0: fracture}\n")
+    assert len(ev.load_ground_truth(tmp_path / "other.yaml", "test")) == 6
+
+
+def test_load_ground_truth_weak_positive_and_bad_input(tree):
+    root, _ = tree
+    rows = list(csv.DictReader(open(root / "splits.csv")))
+    for row in rows:
+        if row["path"].endswith("ph011.png"):  # a negative of the test split becomes a weak positive
+            row["label"], row["weak"] = "1", "1"
+    with open(root / "splits.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    weak = next(im for im in gt.images if im.key.endswith("ph011.png"))
+    assert weak.label == 1 and weak.boxes_known is False and gt.n_positive == 4
+    assert ev.box_metrics(gt, [None] * len(gt))["n_images"] == 5  # left out of box metrics
+    (root / "labels" / "test" / "ph005.txt").write_text("0 0.5 0.5\n")
+    with pytest.raises(ev.EvaluationError, match="ph005.txt:1"):
+        ev.load_ground_truth(root / "dataset.yaml", "test")
+    with pytest.raises(ev.EvaluationError, match="not found"):
+        ev.load_ground_truth(root / "missing.yaml", "test")
+
+
+def test_splits_csv_listing_an_image_under_another_split_is_an_error(tree):
+    root, _ = tree
+    text = (root / "splits.csv").read_text().replace("images/test/ph002.png,test", "images/test/ph002.png,train")
+    (root / "splits.csv").write_text(text)
+    with pytest.raises(ev.EvaluationError, match="another split"):
+        ev.load_ground_truth(root / "dataset.yaml", "test")
+
+
+# --------------------------------------------------------------------------- matching predictions
+
+
+def test_match_predictions_paths_relative_foreign_and_collisions(tree):
+    root, phantoms = tree
+    # the same file name in val and test must never be confused
+    cv2.imwrite(str(root / "images" / "val" / "ph002.png"), cv2.imread(str(image_path(root, 2)), cv2.IMREAD_UNCHANGED))
+    (root / "labels" / "val" / "ph002.txt").write_text("")
+    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    recs = [
+        {"image": "images/test/ph002.png", "detections": []},  # relative to the dataset root
+        {"image": "/another/machine/ds/images/test/ph005.png", "detections": []},  # made elsewhere
+        {"image": str(root / "images" / "val" / "ph002.png"), "detections": []},  # val's ph002: not test's
+        {"image": str(image_path(root, 8)), "image_size": [100, 100], "detections": []},  # wrong size
+        {"image": str(image_path(root, 11)), "error": "the file is empty"},
+        {"image": str(image_path(root, 14)), "detections": []},
+        {"image": str(image_path(root, 14)), "detections": []},  # duplicate
+    ]
+    preds, rest, errors = ev.match_predictions(recs, gt)
+    keys = [im.key for im in gt.images]
+    assert preds[keys.index("images/test/ph002.png")] is not None
+    assert preds[keys.index("images/test/ph005.png")] is not None
+    assert [r["image"] for r in rest] == [str(root / "images" / "val" / "ph002.png")]
+    assert any("ph008.png" in e and "100x100" in e for e in errors)
+    assert any("ph011.png" in e and "prediction failed" in e for e in errors)
+    assert any("ph014.png" in e and "more than one" in e for e in errors)
+
+
+# --------------------------------------------------------------------------- the CLI on saved predictions
+
+
+def run_cli(args, capsys):
+    rc = ev.main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_cli_predictions_end_to_end_exact_numbers(tree, tmp_path, capsys):
+    root, phantoms = tree
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(handcrafted_records(root, phantoms)))
+    out = tmp_path / "out" / "report.json"
+    rc, stdout, err = run_cli(["--predictions", results, "--data", root / "dataset.yaml", "--split", "test", "--out", out,
+                               "--n-boot", 200, "--quiet"], capsys)
+    assert rc == 0, err
+    r = json.loads(out.read_text())
+    # thresholds chosen on val: positives .9 .6 .4, negatives .5 .2 (and one without boxes)
+    ops = r["operating_points"]
+    assert (ops["screening"]["threshold"], ops["balanced"]["threshold"], ops["specific"]["threshold"]) == (0.4, 0.6, 0.6)
+    assert (ops["screening"]["val_sensitivity"], ops["screening"]["val_specificity"]) == (1.0, pytest.approx(2 / 3, abs=1e-6))
+    # test at 0.4: positives .8 .7 found, .3 missed; negatives .45 .65 flagged, one clean
+    s = r["image_level"]["screening"]
+    assert (s["tp"], s["fn"], s["fp"], s["tn"]) == (2, 1, 2, 1)
+    assert (s["sensitivity"]["value"], s["ppv"]["value"], s["npv"]["value"]) == (pytest.approx(2 / 3, abs=1e-6), 0.5, 0.5)
+    b = r["image_level"]["balanced"]
+    assert (b["tp"], b["fn"], b["fp"], b["tn"]) == (2, 1, 1, 2)
+    assert len(b["sensitivity"]["ci"]) == 2
+    # localization at 0.6: only ph002 has its box on the fracture; ph008's box is in a corner
+    loc = r["localization"]["balanced"]
+    assert (loc["found"], loc["mislocalized"], loc["missed"]) == (1, 1, 2)
+    # boxes: ranked TP .8, FP .7, FP .65, FP .45, TP .3 of 3 true boxes:
+    # precision envelope 1.0 up to recall 1/3 (34 points), 0.4 up to 2/3 (33 points), then 0
+    assert r["box"]["map50"] == pytest.approx((34 + 33 * 0.4) / 101, abs=1e-5)
+    assert r["box"]["map50_95"] == pytest.approx((34 + 33 * 0.4) / 101, abs=1e-5)
+    assert (r["n_images"], r["n_positive"], r["box"]["n_gt_boxes"]) == (6, 3, 3)
+    # breakdowns with counts: alpha = ph002, ph005, ph008; beta = ph011, ph014, ph017
+    assert r["by_source"]["alpha"]["n_images"] == 3 and r["by_source"]["alpha"]["n_positive"] == 2
+    assert r["by_source"]["beta"]["image_level"]["balanced"]["tp"] == 0
+    assert set(r["by_region"]) == {"hand", "leg"} and r["by_region"]["leg"]["n_positive"] == 3
+    assert r["froc"] and r["pr_curve"]["image"] and len(r["pr_curve"]["box_iou50"]) == 101
+    assert r["errors"] == [] and any("other splits" in n for n in r["notes"]) is False
+    # records saved at the 0.25 operating threshold (inference.py without --conf 0.001): said loudly
+    assert any(n.startswith("WARNING") and ">= 0.25" in n for n in r["notes"])
+    assert (out.parent / "report_pr.png").stat().st_size > 1000 and (out.parent / "report_froc.png").is_file()
+    assert "screening" in stdout and "mAP@0.5" in stdout
+
+
+def test_cli_predictions_errors_for_unmatched(tree, tmp_path, capsys):
+    root, phantoms = tree
+    data = root / "dataset.yaml"
+    missing = tmp_path / "missing.json"
+    missing.write_text(json.dumps(handcrafted_records(root, phantoms, skip={17})))
+    rc, _, err = run_cli(["--predictions", missing, "--data", data, "--out", tmp_path / "r.json", "--no-plots"], capsys)
+    assert rc == 2 and "ph017.png: no prediction" in err and err.count("\n") == 1 and "Traceback" not in err
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps(handcrafted_records(root, phantoms) + [{"image": "/nowhere/x.png", "detections": []}]))
+    rc, _, err = run_cli(["--predictions", extra, "--data", data, "--out", tmp_path / "r.json", "--no-plots"], capsys)
+    assert rc == 2 and "matches no image" in err
+    # --allow-missing: scored as 'no detection' and listed
+    rc, _, err = run_cli(["--predictions", missing, "--data", data, "--out", tmp_path / "r.json", "--no-plots", "--n-boot", 0,
+                          "--allow-missing"], capsys)
+    assert rc == 0
+    r = json.loads((tmp_path / "r.json").read_text())
+    # ph017 (0.65, a false positive at 0.6) now counts as a true negative
+    assert r["errors"] == ["images/test/ph017.png: no prediction"] and r["image_level"]["balanced"]["tn"] == 3
+    # predictions without the val split cannot choose thresholds ...
+    test_only = tmp_path / "test_only.json"
+    test_only.write_text(json.dumps([rec for rec in handcrafted_records(root, phantoms) if "/test/" in rec["image"]]))
+    rc, _, err = run_cli(["--predictions", test_only, "--data", data, "--out", tmp_path / "r.json", "--no-plots"], capsys)
+    assert rc == 2 and "no predictions for the 'val' split" in err
+    # ... unless thresholds are given (a model card works)
+    card = tmp_path / "card.json"
+    card.write_text(json.dumps({"thresholds": {"balanced": {"threshold": 0.6}, "screening": 0.4}}))
+    rc, _, err = run_cli(["--predictions", test_only, "--data", data, "--out", tmp_path / "r.json", "--no-plots", "--n-boot", 0,
+                          "--thresholds", card], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert set(r["image_level"]) == {"balanced", "screening"} and r["operating_points"]["balanced"]["source"] == "given"
+    # broken input files: one line, exit 2
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    rc, _, err = run_cli(["--predictions", bad, "--data", data, "--no-plots"], capsys)
+    assert rc == 2 and "not valid JSON" in err
+    rc, _, err = run_cli(["--predictions", test_only, "--data", data, "--write-card"], capsys)
+    assert rc == 2 and "--write-card needs --weights" in err
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    rc, _, err = run_cli(["--weights", corrupt, "--data", data, "--no-plots"], capsys)
+    assert rc == 2 and "cannot load" in err and "Traceback" not in err
+
+
+def test_scoring_the_threshold_split_itself(tree, tmp_path, capsys):
+    root, phantoms = tree
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(handcrafted_records(root, phantoms)))
+    rc, _, err = run_cli(["--predictions", results, "--data", root / "dataset.yaml", "--split", "val", "--out", tmp_path / "v.json",
+                          "--n-boot", 0, "--no-plots"], capsys)
+    assert rc == 0, err
+    r = json.loads((tmp_path / "v.json").read_text())
+    b = r["image_level"]["balanced"]  # val at its own balanced threshold 0.6: the val numbers themselves
+    assert (b["sensitivity"]["value"], b["specificity"]["value"]) == (pytest.approx(2 / 3, abs=1e-6), 1.0)
+    assert r["errors"] == [] and any("optimistic" in n for n in r["notes"])
+
+
+# --------------------------------------------------------------------------- model card
+
+
+def test_update_model_card_preserves_other_keys(tmp_path):
+    labels, scores = crafted()
+    ops = ev.choose_operating_points(labels, scores)
+    gt = make_gt([[[10, 10, 50, 50]], []], groups=["p1", "p2"], sources={0: "a", 1: "b"})
+    report = ev.evaluate_predictions(gt, [pred([[10, 10, 50, 50]], [0.95]), pred()], ops, n_boot=100)
+    card_path = tmp_path / "w" / "model.json"
+    card_path.parent.mkdir()
+    original = {"name": "model", "backend": "yolo", "imgsz": 640, "contract": inference.Contract().to_dict(),
+                "training": {"epochs": 3, "data": "x.yaml"}, "thresholds": {"balanced": {"threshold": 0.01}}}
+    card_path.write_text(json.dumps(original))
+    ev.update_model_card(card_path, report, report)
+    card = json.loads(card_path.read_text())
+    for key in ("name", "backend", "imgsz", "contract", "training"):
+        assert card[key] == original[key]
+    assert card["thresholds"]["balanced"] == {"threshold": 0.6, "val_sensitivity": 0.8, "val_specificity": 0.9,
+                                              "target_reached": True, "chosen_on": "val"}
+    assert card["thresholds"]["screening"]["target"] == 0.95
+    assert inference.resolve_threshold("specific", card) == (0.9, "model_card")
+    m = card["metrics"]
+    assert m["box"]["map50"] == 1.0 and m["n_images"] == 2 and m["split"] == "test"
+    assert m["image_level"]["balanced"]["sensitivity"]["value"] == 1.0
+    assert m["by_source"]["a"]["n_positive"] == 1 and m["by_source"]["b"]["n_images"] == 1
+    assert not (card_path.parent / "model.json.tmp").exists()
+
+
+# --------------------------------------------------------------------------- --weights through the same code
+
+
+def test_cli_weights_matches_predictions_and_writes_card(tree, tmp_path, capsys, oracle_backend):
+    root, phantoms = tree
+    card = {"name": "oracle", "backend": "oracle", "training": {"epochs": 1}}
+    weights = write_oracle(tmp_path / "w", root, phantoms, inference.Contract(), card)  # no contract.json: harmonized
+    out = tmp_path / "weights_report.json"
+    rc, stdout, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 200, "--quiet",
+                               "--no-plots", "--write-card", "--save-predictions", tmp_path / "saved.json"], capsys)
+    assert rc == 0, err
+    by_weights = json.loads(out.read_text())
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(handcrafted_records(root, phantoms)))
+    rc, _, err = run_cli(["--predictions", results, "--data", root / "dataset.yaml", "--out", tmp_path / "rec.json",
+                          "--n-boot", 200, "--no-plots"], capsys)
+    by_records = json.loads((tmp_path / "rec.json").read_text())
+    for key in ("box", "operating_points", "image_level", "localization", "froc", "by_source", "by_region"):
+        assert by_weights[key] == by_records[key], key
+    assert not any("WARNING" in n for n in by_weights["notes"])  # predicted down to 0.001
+    written = json.loads((tmp_path / "w" / "oracle.json").read_text())
+    assert written["training"] == {"epochs": 1} and written["backend"] == "oracle"
+    assert {m: t["threshold"] for m, t in written["thresholds"].items()} == {"screening": 0.4, "balanced": 0.6, "specific": 0.6}
+    assert written["metrics"]["split"] == "test" and written["metrics"]["splits_sha256"] == inference.sha256_file(root / "splits.csv")
+    saved = json.loads((tmp_path / "saved.json").read_text())
+    assert len(saved) == 12 and all("detections" in s for s in saved)
+    assert "model card updated" in stdout
+    # a second run without --write-card uses the card's (frozen) thresholds
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet", "--no-plots"],
+                         capsys)
+    assert rc == 0 and json.loads(out.read_text())["operating_points"]["balanced"]["source"] == "model_card"
+
+
+def test_pre_harmonized_tree_is_fed_as_stored(tmp_path, oracle_backend):
+    root = tmp_path / "ds"
+    phantoms = write_tree(root, contract=True)  # contract.json: the tree is already harmonized
+    weights = write_oracle(tmp_path / "w", root, phantoms, None, {"backend": "oracle"})  # answers for the stored pixels
+    predictor = inference.Predictor(weights)
+    report = ev.run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False)
+    assert predictor.detector.unknown == 0  # every image reached the model exactly as stored
+    assert report["operating_points"]["balanced"]["threshold"] == 0.6
+    assert any("no second harmonization" in n for n in report["notes"])
+    assert predictor.contract == inference.Contract()  # restored afterwards
+    # the direct path other tools use (ensemble.py) decides the same way
+    records = ev.predict_split(predictor, ev.load_ground_truth(root / "dataset.yaml", "test"), progress=False)
+    assert predictor.detector.unknown == 0 and sum(len(r["detections"]) for r in records) == 5
+    forced = ev.run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False, harmonize="yes",
+                               thresholds={"balanced": 0.6})
+    assert predictor.detector.unknown == 6  # CLAHE'd pixels are not what the oracle knows
+    assert forced["image_level"]["balanced"]["tp"] == 0
+
+
+def test_evaluate_predictions_shapes_and_json(tmp_path):
+    gt, preds = loc_fixture()
+    r = ev.evaluate_predictions(gt, preds, {"balanced": 0.5}, n_boot=50)
+    json.dumps(r)  # plain JSON, no numpy types
+    assert r["localization"]["iou"] == 0.3 and r["image_level"]["balanced"]["threshold"] == 0.5
+    assert not any(isinstance(v, float) and math.isnan(v) for v in r["box"].values() if v is not None)
+    with pytest.raises(ev.EvaluationError, match="unknown mode"):
+        ev.evaluate_predictions(gt, preds, {"lenient": 0.5})
+    with pytest.raises(ValueError, match="predictions for"):
+        ev.evaluate_predictions(gt, preds[:2], {"balanced": 0.5})
+
+
+@pytest.mark.slow
+def test_ultralytics_crosscheck_runs_offline_without_touching_the_tree(tree, tmp_path):
+    import glob
+
+    import yaml
+    from ultralytics import YOLO
+    from ultralytics.utils import ROOT as UL_ROOT
+
+    root, _ = tree
+    cfg = yaml.safe_load(Path(glob.glob(str(UL_ROOT / "cfg/models/v8/yolov8.yaml"))[0]).read_text())
+    cfg["nc"], cfg["scales"] = 1, {"n": cfg["scales"]["n"]}
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
+    YOLO(str(tmp_path / "tiny.yaml"), task="detect").save(str(tmp_path / "tiny.pt"))  # untrained: no download
+    before = sorted(p.relative_to(root) for p in root.rglob("*"))
+    cc = ev.ultralytics_crosscheck(tmp_path / "tiny.pt", root / "dataset.yaml", "test", imgsz=256,
+                                   ours={"box": {"map50": 0.25, "map50_95": 0.125}})
+    assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no labels cache written into the tree
+    assert 0.0 <= cc["ultralytics"]["map50"] <= 1.0 and 0.0 <= cc["ultralytics"]["map50_95"] <= cc["ultralytics"]["map50"]
+    assert cc["difference_ours_minus_ultralytics"]["map50"] == pytest.approx(0.25 - cc["ultralytics"]["map50"], abs=1e-6)
