@@ -214,7 +214,12 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
             "unsupported",
         )
     if fmt == "dicom":
-        return _load_dicom(data, max_pixels)
+        try:
+            return _load_dicom(data, max_pixels)
+        except ImageDecodeError:
+            raise
+        except Exception as err:  # noqa: BLE001 - pydicom parses lazily: a malformed element raises wherever it is read
+            raise ImageDecodeError(f"the DICOM file is malformed ({type(err).__name__})", "corrupt") from None
     return _load_raster(data, fmt, max_pixels)
 
 
@@ -250,9 +255,29 @@ def _jpeg_is_truncated(data: bytes) -> bool:
     return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
 
 
+def _png_chunks_fit(data: bytes) -> bool:
+    """Whether every PNG chunk's declared length fits in the data.
+
+    OpenCV allocates what a chunk declares: a 2 kB file claiming a 3 GB IDAT cost
+    3 GB of memory and seconds of CPU (found by tests/test_fuzz_load_image.py).
+    A PNG that ends early never decodes anyway, so refusing it first changes no answer.
+    """
+    pos = 8
+    while pos + 8 <= len(data):
+        length = int.from_bytes(data[pos : pos + 4], "big")
+        if length > len(data) - pos - 12:
+            return False
+        if data[pos + 4 : pos + 8] == b"IEND":
+            return True
+        pos += 12 + length
+    return True
+
+
 def _load_raster(data: bytes, fmt: str, max_pixels: int) -> LoadedImage:
     width, height = _raster_header(data, fmt)
     _check_pixels(width, height, max_pixels)
+    if fmt == "png" and not _png_chunks_fit(data):
+        raise ImageDecodeError("the PNG is truncated or declares a chunk longer than the file", "corrupt")
     repaired = False
     if fmt == "jpeg" and _jpeg_is_truncated(data):
         data = data + b"\xff\xd9"
@@ -332,15 +357,20 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - the pixel handlers raise various types
         syntax = f"{tsuid.name} ({tsuid})" if tsuid is not None else "unknown"
-        if tsuid is not None and tsuid.is_compressed:
+        try:
+            compressed = tsuid is not None and tsuid.is_compressed
+        except ValueError:  # the UID is not a transfer syntax at all
+            compressed = False
+        if compressed:
             raise ImageDecodeError(
                 f"the DICOM pixel data uses the compressed transfer syntax {syntax}, which no installed "
                 "decoder can read (Bone-R installs pylibjpeg for JPEG, JPEG-LS and JPEG 2000; RLE is built in)",
                 "unsupported_compression",
             ) from None
         raise ImageDecodeError(f"the DICOM pixel data could not be decoded ({type(err).__name__}, syntax {syntax})", "corrupt") from None
-    if frames > 1:
-        pixels = pixels[0]  # radiographs: the first frame
+    if pixels.ndim == (4 if samples > 1 else 3):
+        # radiographs: the first frame (pydicom returns every frame the data holds, even past NumberOfFrames)
+        pixels = pixels[0]
     tags: dict[str, Any] = {
         "TransferSyntaxUID": str(tsuid) if tsuid is not None else None,
         "PhotometricInterpretation": photometric,
@@ -348,9 +378,13 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
         "Modality": str(ds.get("Modality", "")),
         "BodyPartExamined": str(ds.get("BodyPartExamined", "")),
     }
-    if pixels.ndim == 3:  # colour DICOM (pydicom returns RGB)
+    if pixels.ndim == 3 and pixels.shape[2] >= 3:  # colour DICOM (pydicom returns RGB)
         pixels = cv2.cvtColor(np.ascontiguousarray(pixels[:, :, :3]).astype(np.float32), cv2.COLOR_RGB2GRAY)
         photometric = "RGB"
+    elif pixels.ndim == 3:  # 2 samples per pixel: not a radiograph layout; keep the first
+        pixels = pixels[:, :, 0]
+    if pixels.shape != (rows, cols):
+        raise ImageDecodeError(f"the DICOM pixel data ({pixels.shape}) does not match its Rows x Columns ({rows}x{cols})", "corrupt")
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
         tags["RescaleSlope"] = float(ds.get("RescaleSlope", 1) or 1)
         tags["RescaleIntercept"] = float(ds.get("RescaleIntercept", 0) or 0)
@@ -754,6 +788,13 @@ def display_image(gray: np.ndarray) -> np.ndarray:
     return cv2.cvtColor(to_uint8(gray), cv2.COLOR_GRAY2RGB)
 
 
+def _hint_words(hints: dict[str, Any]) -> str:
+    """A short best-guess line from `guess_type_and_severity`'s hints, e.g. "focal, mild or subtle (best guess)"."""
+    kind = str(hints.get("type", "")).split(" (")[0]
+    words = ", ".join(str(p) for p in (kind, hints.get("severity", "")) if p)
+    return f"{words} (best guess)" if words else "best guess"
+
+
 def draw_overlay(
     rgb: np.ndarray,
     detections: list[Detection],
@@ -761,53 +802,118 @@ def draw_overlay(
     colors: dict[str, tuple[int, int, int]] | None = None,
     show_hints: bool = True,
     title: str | None = None,
+    legend: list[str] | None = None,
 ) -> np.ndarray:
     """Boxes, scores and best-guess hints on a copy of `rgb`, with a legend and the disclaimer band.
 
     Boxes are in the image's pixels. Each model gets its own colour from `PALETTE`
-    (or `colors`), in order of first appearance, and a legend entry.
+    (or `colors`), in order of first appearance, and a legend entry; `legend` lists
+    models to show (in that order) even when they have no box on this image. Labels
+    sit on a dark plate above the box (else below or inside it) and are moved so
+    that they never cover each other or the legend. The band added at the bottom
+    says that this is a research tool, not a diagnosis.
     """
     canvas = np.ascontiguousarray(rgb.copy())
+    if canvas.ndim == 2:
+        canvas = cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB)
     h, w = canvas.shape[:2]
     unit = max(1.0, max(h, w) / 800.0)  # line and text scale for large radiographs
     thick = max(1, round(2 * unit))
+    text_thick = max(1, round(unit))
     font = cv2.FONT_HERSHEY_SIMPLEX
     fscale = 0.5 * unit
-    models = list(dict.fromkeys(d.model or "model" for d in detections))
+    pad = max(2, round(3 * unit))
+    models = list(dict.fromkeys([*(legend or []), *(d.model or "model" for d in detections)]))
     colors = dict(colors or {})
     for i, name in enumerate(models):
         colors.setdefault(name, PALETTE[i % len(PALETTE)])
+    placed: list[tuple[int, int, int, int]] = []  # x1, y1, x2, y2 of every label plate and the legend
 
-    def text(img, s, org, color, scale=fscale):
-        cv2.putText(img, s, org, font, scale, (0, 0, 0), thick + 2, cv2.LINE_AA)
-        cv2.putText(img, s, org, font, scale, color, thick, cv2.LINE_AA)
+    def fitted(s: str, scale: float, width: float) -> tuple[float, int, int, int]:
+        """The scale at which `s` fits `width` (never above `scale`), and the text's width, height, baseline."""
+        (tw, th), base = cv2.getTextSize(s, font, scale, text_thick)
+        if tw > width > 0:
+            scale *= width / tw
+            (tw, th), base = cv2.getTextSize(s, font, scale, text_thick)
+        return scale, tw, th, base
+
+    def plate(lines: list[tuple[str, tuple[int, int, int], float]], x: int, y: int) -> None:
+        """Darken a plate under `lines` (text, colour, scale) with its top-left at (x, y), then write them."""
+        sizes = [fitted(s, scale, w - 2 * pad) for s, _, scale in lines]
+        bw = max(tw for _, tw, _, _ in sizes) + 2 * pad
+        bh = sum(th + base + pad for _, _, th, base in sizes) + pad
+        region = canvas[max(0, y):min(h, y + bh), max(0, x):min(w, x + bw)]
+        region[:] = (region.astype(np.float32) * 0.3).astype(np.uint8)
+        ty = y + pad
+        for (s, color, _), (scale, _, th, base) in zip(lines, sizes):
+            ty += th
+            cv2.putText(canvas, s, (x + pad, ty), font, scale, color, text_thick, cv2.LINE_AA)
+            ty += base + pad
+
+    def plate_size(lines: list[tuple[str, tuple[int, int, int], float]]) -> tuple[int, int]:
+        sizes = [fitted(s, scale, w - 2 * pad) for s, _, scale in lines]
+        return max(tw for _, tw, _, _ in sizes) + 2 * pad, sum(th + base + pad for _, _, th, base in sizes) + pad
+
+    def free(r: tuple[int, int, int, int]) -> bool:
+        return not any(r[0] < q[2] and q[0] < r[2] and r[1] < q[3] and q[1] < r[3] for q in placed)
 
     for det in detections:
-        color = colors[det.model or "model"]
         x1, y1, x2, y2 = (int(round(v)) for v in det.xyxy)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), color, thick)
-        label = f"{det.label} {det.score:.2f}"
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), colors[det.model or "model"], thick)
+    # legend: in the corner that covers the least box area
+    if models or title:
+        entries = [(name, colors[name]) for name in models] + ([(title, (255, 255, 255))] if title else [])
+        sizes = [fitted(s, fscale, w - 4 * pad - 12 * unit) for s, _ in entries]
+        swatch = max(th for _, _, th, _ in sizes)
+        lw = max(tw for _, tw, _, _ in sizes) + swatch + 4 * pad
+        lh = sum(th + base + pad for _, _, th, base in sizes) + pad
+        lw, lh = min(lw, w), min(lh, h)
+        corners = [(0, 0), (w - lw, 0), (0, h - lh), (w - lw, h - lh)]
+
+        def covered(x: int, y: int) -> float:
+            return sum(max(0.0, min(x + lw, d.xyxy[2]) - max(x, d.xyxy[0])) * max(0.0, min(y + lh, d.xyxy[3]) - max(y, d.xyxy[1]))
+                       for d in detections)
+
+        lx, ly = min(corners, key=lambda c: covered(*c))  # ties: the first, top-left
+        region = canvas[ly:ly + lh, lx:lx + lw]
+        region[:] = (region.astype(np.float32) * 0.3).astype(np.uint8)
+        ty = ly + pad
+        for i, ((s, color), (scale, _, th, base)) in enumerate(zip(entries, sizes)):
+            ty += th
+            is_model = i < len(models)
+            if is_model:
+                cv2.rectangle(canvas, (lx + pad, ty - th), (lx + pad + swatch, ty), color, -1)
+            tx = lx + pad + (swatch + pad if is_model else 0)
+            cv2.putText(canvas, s, (tx, ty), font, scale, color if is_model else (255, 255, 255), text_thick, cv2.LINE_AA)
+            ty += base + pad
+        placed.append((lx, ly, lx + lw, ly + lh))
+    # labels, best score first so the strongest finding gets the best place
+    for det in sorted(detections, key=lambda d: d.score, reverse=True):
+        x1, y1, x2, y2 = (int(round(v)) for v in det.xyxy)
+        color = colors[det.model or "model"]
+        lines = [(f"{det.label} {det.score:.2f}", color, fscale)]
         if show_hints and det.hints:
-            label += f" | {det.hints.get('severity', '')} (best guess)"
-        (tw, th), _ = cv2.getTextSize(label, font, fscale, thick)
-        ty = y1 - 4 if y1 - th - 4 > 0 else min(h - 4, y2 + th + 4)
-        text(canvas, label, (max(0, min(x1, w - tw)), ty), color)
-    # legend, top-left
-    y = int(22 * unit)
-    for name in models:
-        cv2.rectangle(canvas, (int(8 * unit), y - int(12 * unit)), (int(20 * unit), y), colors[name], -1)
-        text(canvas, name, (int(26 * unit), y), (255, 255, 255))
-        y += int(20 * unit)
-    if title:
-        text(canvas, title, (int(8 * unit), y), (255, 255, 255))
+            lines.append((_hint_words(det.hints), color, fscale * 0.85))
+        bw, bh = plate_size(lines)
+        x = max(0, min(x1, w - bw))
+        candidates = [y1 - thick - bh, y2 + thick + 1, y1 + thick + 1]
+        candidates = [y for y in candidates if 0 <= y <= h - bh] or [max(0, min(y1, h - bh))]
+        top = next((y for y in candidates if free((x, y, x + bw, y + bh))), None)
+        if top is None:  # slide down (then up) from the preferred place until it is free
+            start = candidates[0]
+            steps = [start + k * bh // 2 for k in range(1, 2 * h // max(bh, 1) + 2)] + [start - k * bh // 2 for k in range(1, 2 * h // max(bh, 1) + 2)]
+            top = next((y for y in steps if 0 <= y <= h - bh and free((x, y, x + bw, y + bh))), start)
+        plate(lines, x, top)
+        placed.append((x, top, x + bw, top + bh))
     # disclaimer band, bottom
-    band_h = int(26 * unit)
-    band = np.zeros((band_h, w, 3), np.uint8)
-    band[:] = (40, 40, 40)
-    msg = "Research tool - not a diagnosis"
-    if not detections:
-        msg += " | no finding above threshold"
-    cv2.putText(band, msg, (int(8 * unit), int(18 * unit)), font, fscale, (255, 255, 255), thick, cv2.LINE_AA)
+    msg = "Research tool - not a diagnosis" + ("" if detections else " | no finding above threshold")
+    scale, _, th, base = fitted(msg, fscale, w - 2 * pad)
+    if scale < 0.3:  # too narrow for the whole sentence: the essential part, as large as it fits
+        msg = "Not a diagnosis"
+        scale, _, th, base = fitted(msg, fscale, w - 2 * pad)
+    band_h = max(int(26 * unit), th + base + 2 * pad)
+    band = np.full((band_h, w, 3), 40, np.uint8)
+    cv2.putText(band, msg, (pad, (band_h + th) // 2 - 1), font, scale, (255, 255, 255), text_thick, cv2.LINE_AA)
     return np.vstack([canvas, band])
 
 

@@ -1,0 +1,580 @@
+// Bone-R site: the overlay viewer, the benchmark table, the evaluation report and its curves.
+// Plain JavaScript, no build step, nothing loaded from other sites.
+// Every string that comes from JSON goes into the page as text (textContent, createTextNode,
+// SVG text nodes) or onto the canvas; never as HTML.
+(function () {
+  "use strict";
+
+  const BoneR = (window.BoneR = window.BoneR || {});
+  const PALETTE = ["#e69f00", "#56b4e9", "#009e73", "#f0e442", "#0072b2", "#d55e00", "#cc79a7"];
+  const SAFE_SRC = /^[A-Za-z0-9][A-Za-z0-9._-]*\.(png|jpe?g|webp)$/i;
+  const SAFE_COLOR = /^#[0-9a-fA-F]{6}$/;
+  const SVG_NS = "http://www.w3.org/2000/svg";
+
+  // --------------------------------------------------------------------------- helpers
+
+  function el(tag, text, attrs) {
+    const node = document.createElement(tag);
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    if (attrs) Object.keys(attrs).forEach(function (k) { node.setAttribute(k, attrs[k]); });
+    return node;
+  }
+
+  function isNum(x) { return typeof x === "number" && isFinite(x); }
+  function num(x, digits) { return isNum(x) ? x.toFixed(digits === undefined ? 3 : digits) : "n/a"; }
+  function metric(entry) {
+    if (!entry || !isNum(entry.value)) return "n/a";
+    let s = num(entry.value);
+    if (Array.isArray(entry.ci) && entry.ci.length === 2) s += " [" + num(entry.ci[0], 2) + "\u2013" + num(entry.ci[1], 2) + "]";
+    return s;
+  }
+  function str(x, fallback) { return typeof x === "string" ? x : (x === undefined || x === null ? (fallback || "") : String(x)); }
+
+  function table(node, caption, headers, rows) {
+    node.replaceChildren();
+    if (caption) node.append(el("caption", caption));
+    const thead = el("thead");
+    const tr = el("tr");
+    headers.forEach(function (h) { tr.append(el("th", h, { scope: "col" })); });
+    thead.append(tr);
+    const tbody = el("tbody");
+    rows.forEach(function (row) {
+      const r = el("tr");
+      row.forEach(function (cell, i) {
+        const td = el(i === 0 ? "th" : "td", typeof cell === "object" && cell !== null ? cell.text : cell);
+        if (i === 0) td.setAttribute("scope", "row");
+        if (typeof cell === "object" && cell !== null && cell.num) td.className = "num";
+        r.append(td);
+      });
+      tbody.append(r);
+    });
+    node.append(thead, tbody);
+  }
+
+  // --------------------------------------------------------------------------- data
+
+  let bundlePromise = null;
+  function loadBundle() {
+    // data/bundle.js is a copy of data/*.json for pages opened from disk, where fetch() is refused.
+    if (!bundlePromise) {
+      bundlePromise = new Promise(function (resolve) {
+        if (window.BONER_SITE_DATA) { resolve(window.BONER_SITE_DATA); return; }
+        const script = document.createElement("script");
+        script.src = "data/bundle.js";
+        script.onload = function () { resolve(window.BONER_SITE_DATA || null); };
+        script.onerror = function () { resolve(null); };
+        document.head.append(script);
+      });
+    }
+    return bundlePromise;
+  }
+
+  const dataSources = {};
+  async function loadData(name) {
+    if (location.protocol !== "file:") {
+      try {
+        const response = await fetch("data/" + name, { cache: "no-cache" });
+        if (response.ok) { dataSources[name] = "served"; return await response.json(); }
+        dataSources[name] = "missing (HTTP " + response.status + ")";
+        return null;
+      } catch (err) {
+        // a static host that refuses fetch: fall back to the bundle below
+      }
+    }
+    const bundle = await loadBundle();
+    if (bundle && bundle.files && bundle.files[name]) {
+      dataSources[name] = "bundle";
+      BoneR.bundleGenerated = str(bundle.generated);
+      return bundle.files[name];
+    }
+    dataSources[name] = "missing";
+    return null;
+  }
+
+  // --------------------------------------------------------------------------- viewer
+
+  const $ = function (id) { return document.getElementById(id); };
+  const canvas = $("overlay-canvas");
+  const ctx = canvas.getContext("2d");
+  const state = {
+    scenes: [], index: 0, enabled: new Map(), minScore: 0.25, showTruth: true,
+    selected: null, hover: null, image: null, loadToken: 0, visible: [],
+  };
+  BoneR.state = state;
+
+  function sceneFrom(entry, models, synthetic, note) {
+    const known = new Map();
+    (models || []).forEach(function (m, i) {
+      if (!m || typeof m.name !== "string") return;
+      known.set(m.name, {
+        name: m.name,
+        color: SAFE_COLOR.test(str(m.color)) ? m.color : PALETTE[i % PALETTE.length],
+        threshold: isNum(m.threshold) ? m.threshold : null,
+        source: str(m.threshold_source),
+        description: str(m.description),
+      });
+    });
+    const detections = (Array.isArray(entry.detections) ? entry.detections : []).filter(function (d) {
+      return d && Array.isArray(d.xyxy) && d.xyxy.length === 4 && d.xyxy.every(isNum) && isNum(d.score);
+    }).map(function (d) {
+      const model = str(d.model, "model") || "model";
+      if (!known.has(model)) {
+        known.set(model, { name: model, color: PALETTE[known.size % PALETTE.length], threshold: null, source: "", description: "" });
+      }
+      return { xyxy: d.xyxy.slice(), score: d.score, label: str(d.label, "fracture"), model: model, hints: d.hints || null };
+    });
+    const src = str(entry.src);
+    return {
+      id: str(entry.id, src),
+      caption: str(entry.caption),
+      width: isNum(entry.width) ? entry.width : 0,
+      height: isNum(entry.height) ? entry.height : 0,
+      source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
+      models: Array.from(known.values()),
+      detections: detections,
+      truth: (Array.isArray(entry.ground_truth) ? entry.ground_truth : []).filter(function (t) {
+        return t && Array.isArray(t.xyxy) && t.xyxy.length === 4 && t.xyxy.every(isNum);
+      }),
+      synthetic: !!synthetic,
+      note: str(note),
+    };
+  }
+
+  function addScene(scene, select) {
+    state.scenes.push(scene);
+    scene.models.forEach(function (m) { if (!state.enabled.has(m.name)) state.enabled.set(m.name, true); });
+    const option = el("option", scene.caption ? scene.id + ": " + scene.caption : scene.id, { value: String(state.scenes.length - 1) });
+    $("image-select").append(option);
+    if (select || state.scenes.length === 1) showScene(state.scenes.length - 1);
+  }
+  BoneR.addScene = function (scene, select) { addScene(sceneFrom(scene, scene.models, false), select); };
+  BoneR.addRawScene = function (scene, select) { addScene(scene, select); };
+
+  function currentScene() { return state.scenes[state.index] || null; }
+
+  function showScene(index) {
+    state.index = index;
+    state.selected = null;
+    state.hover = null;
+    $("image-select").value = String(index);
+    const scene = currentScene();
+    buildToggles(scene);
+    $("image-caption").textContent = scene.caption + (scene.synthetic ? " (synthetic demo)" : "");
+    $("viewer-note").textContent = scene.note || "";
+    const token = ++state.loadToken;
+    state.image = null;
+    if (scene.source.kind === "bitmap") {
+      state.image = scene.source.bitmap;
+      render();
+    } else if (scene.source.kind === "url") {
+      const img = new Image();
+      img.onload = function () { if (token === state.loadToken) { state.image = img; render(); } };
+      img.onerror = function () { if (token === state.loadToken) { state.image = "missing"; render(); } };
+      img.src = scene.source.url;
+      render();
+    } else {
+      state.image = "missing";
+      render();
+    }
+  }
+
+  function buildToggles(scene) {
+    const box = $("model-toggles");
+    box.replaceChildren(el("legend", "Models"));
+    scene.models.forEach(function (m, i) {
+      const id = "model-toggle-" + i;
+      const input = el("input", null, { type: "checkbox", id: id });
+      input.checked = state.enabled.get(m.name) !== false;
+      input.dataset.model = m.name;
+      input.addEventListener("change", function () {
+        state.enabled.set(m.name, input.checked);
+        if (state.selected && state.selected.model === m.name && !input.checked) state.selected = null;
+        render();
+      });
+      const label = el("label", null, { for: id });
+      const swatch = el("span", null, { class: "swatch", "aria-hidden": "true" });
+      swatch.style.background = m.color;
+      const thr = m.threshold !== null ? " (threshold " + num(m.threshold, 2) + ")" : "";
+      label.append(input, swatch, document.createTextNode(m.name + thr));
+      if (m.description) label.title = m.description;
+      box.append(label);
+    });
+  }
+
+  function visibleDetections(scene) {
+    return scene.detections.filter(function (d) {
+      return state.enabled.get(d.model) !== false && d.score >= state.minScore - 1e-9;
+    });
+  }
+
+  function colorOf(scene, model) {
+    const m = scene.models.find(function (x) { return x.name === model; });
+    return m ? m.color : PALETTE[0];
+  }
+
+  function render() {
+    const scene = currentScene();
+    if (!scene) return;
+    const img = state.image && state.image !== "missing" ? state.image : null;
+    const iw = img ? (img.naturalWidth || img.width) : (scene.width || 320);
+    const ih = img ? (img.naturalHeight || img.height) : (scene.height || 400);
+    // Small images are drawn larger (crisp lines and text at the size they are shown), large ones as they are.
+    const zoom = Math.max(1, 700 / Math.max(iw, ih));
+    const w = Math.round(iw * zoom), h = Math.round(ih * zoom);
+    if (canvas.width !== w) canvas.width = w;
+    if (canvas.height !== h) canvas.height = h;
+    const sx = scene.width ? w / scene.width : zoom;
+    const sy = scene.height ? h / scene.height : zoom;
+    const unit = Math.max(1, Math.max(w, h) / 800);
+    ctx.clearRect(0, 0, w, h);
+    if (img) {
+      ctx.drawImage(img, 0, 0, w, h);
+    } else {
+      ctx.fillStyle = "#333";
+      ctx.fillRect(0, 0, w, h);
+      ctx.fillStyle = "#fff";
+      ctx.font = Math.round(14 * unit) + "px sans-serif";
+      ctx.fillText(state.image === "missing" ? "image not available" : "loading...", 10 * unit, 24 * unit);
+    }
+    if (state.showTruth && scene.truth.length) {
+      ctx.save();
+      ctx.setLineDash([6 * unit, 4 * unit]);
+      scene.truth.forEach(function (t) {
+        const [x1, y1, x2, y2] = t.xyxy;
+        ctx.lineWidth = 3 * unit;
+        ctx.strokeStyle = "#000";
+        ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
+        ctx.lineWidth = 1.5 * unit;
+        ctx.strokeStyle = "#fff";
+        ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
+      });
+      ctx.restore();
+    }
+    const visible = visibleDetections(scene);
+    state.visible = visible;
+    const focus = state.selected || state.hover;
+    if (focus && visible.indexOf(focus) < 0) { if (state.selected === focus) state.selected = null; state.hover = null; }
+    ctx.font = "bold " + Math.round(12 * unit) + "px sans-serif";
+    ctx.textBaseline = "bottom";
+    visible.slice().reverse().forEach(function (d) {  // lowest score first, so the best box is drawn on top
+      const [x1, y1, x2, y2] = d.xyxy;
+      const active = d === state.selected || d === state.hover;
+      const color = colorOf(scene, d.model);
+      ctx.lineWidth = (active ? 4 : 2) * unit;
+      ctx.strokeStyle = color;
+      ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
+      const text = d.score.toFixed(2);
+      const tw = ctx.measureText(text).width + 6 * unit;
+      const th = 15 * unit;
+      const ty = y1 * sy - th >= 0 ? y1 * sy - th : y2 * sy;
+      ctx.fillStyle = "rgba(0,0,0,0.75)";
+      ctx.fillRect(x1 * sx, ty, tw, th);
+      ctx.fillStyle = color;
+      ctx.fillText(text, x1 * sx + 3 * unit, ty + th - 2 * unit);
+    });
+    canvas.dataset.boxes = String(visible.length);
+    canvas.setAttribute("aria-label", "Radiograph " + scene.id + " with " + visible.length + " box(es) drawn" +
+      (scene.synthetic ? " (synthetic demo)" : ""));
+    $("box-count").textContent = visible.length + " of " + scene.detections.length + " box(es) shown (score \u2265 " +
+      state.minScore.toFixed(2) + ")";
+    renderList(scene, visible);
+    renderDetails(scene);
+  }
+
+  function renderList(scene, visible) {
+    // Rebuilt only when the set of boxes changes, so keyboard focus survives hovering and choosing.
+    const list = $("det-list");
+    const key = state.index + "|" + visible.map(function (d) { return scene.detections.indexOf(d); }).join(",");
+    if (list.dataset.key !== key) {
+      list.dataset.key = key;
+      list.replaceChildren();
+      visible.forEach(function (d) {
+        const item = el("li");
+        const button = el("button", null, { type: "button" });
+        const swatch = el("span", null, { class: "swatch", "aria-hidden": "true" });
+        swatch.style.background = colorOf(scene, d.model);
+        button.append(swatch, document.createTextNode(d.model + ": " + d.label + " " + d.score.toFixed(2)));
+        button.addEventListener("click", function () {
+          state.selected = state.selected === d ? null : d;
+          render();
+        });
+        button.detection = d;
+        item.append(button);
+        list.append(item);
+      });
+      if (!visible.length) list.append(el("li", "No box at or above this score for the models switched on."));
+    }
+    list.querySelectorAll("button").forEach(function (button) {
+      button.setAttribute("aria-pressed", button.detection === state.selected ? "true" : "false");
+    });
+  }
+
+  function renderDetails(scene) {
+    const box = $("det-details");
+    box.replaceChildren();
+    const d = state.selected || state.hover;
+    if (!d) { box.append(el("p", "No box chosen.")); return; }
+    const model = scene.models.find(function (m) { return m.name === d.model; }) || {};
+    const hints = d.hints || {};
+    const rows = [
+      ["Model", d.model],
+      ["Score", d.score.toFixed(3)],
+      ["Label", d.label],
+      ["Box (x1, y1, x2, y2)", d.xyxy.map(function (v) { return Math.round(v); }).join(", ") + " px"],
+    ];
+    if (isNum(model.threshold)) rows.push(["At this model's threshold", (d.score >= model.threshold ? "yes" : "no") + " (" + num(model.threshold, 2) + ")"]);
+    if (hints.type) rows.push(["Type (best guess)", hints.type]);
+    if (hints.severity) rows.push(["Severity (best guess)", hints.severity]);
+    if (hints.confidence) rows.push(["Confidence words", hints.confidence]);
+    const dl = el("dl");
+    rows.forEach(function (r) { dl.append(el("dt", r[0]), el("dd", r[1])); });
+    box.append(dl);
+    box.append(el("p", hints.note || "Best guess from the box alone; not a diagnosis.", { class: "hint" }));
+  }
+
+  function boxAt(event) {
+    const scene = currentScene();
+    if (!scene) return null;
+    const rect = canvas.getBoundingClientRect();
+    const x = (event.clientX - rect.left) * ((scene.width || canvas.width) / rect.width);
+    const y = (event.clientY - rect.top) * ((scene.height || canvas.height) / rect.height);
+    let best = null;
+    let bestArea = Infinity;
+    state.visible.forEach(function (d) {
+      const [x1, y1, x2, y2] = d.xyxy;
+      const pad = 3 * (scene.width || canvas.width) / rect.width;  // a few screen pixels of slack around thin boxes
+      if (x >= x1 - pad && x <= x2 + pad && y >= y1 - pad && y <= y2 + pad) {
+        const area = (x2 - x1) * (y2 - y1);
+        if (area < bestArea) { best = d; bestArea = area; }
+      }
+    });
+    return best;
+  }
+
+  canvas.addEventListener("mousemove", function (event) {
+    const hit = boxAt(event);
+    if (hit !== state.hover) { state.hover = hit; render(); }
+  });
+  canvas.addEventListener("mouseleave", function () { if (state.hover) { state.hover = null; render(); } });
+  canvas.addEventListener("click", function (event) {
+    const hit = boxAt(event);
+    state.selected = hit && hit !== state.selected ? hit : null;
+    render();
+  });
+  document.addEventListener("keydown", function (event) {
+    if (event.key === "Escape" && (state.selected || state.hover)) { state.selected = null; state.hover = null; render(); }
+  });
+  $("image-select").addEventListener("change", function (event) { showScene(Number(event.target.value)); });
+  const slider = $("min-score");
+  function setMinScore(value) {
+    state.minScore = Math.min(1, Math.max(0, value));
+    slider.value = String(state.minScore);
+    $("min-score-value").textContent = state.minScore.toFixed(2);
+    slider.setAttribute("aria-valuetext", state.minScore.toFixed(2));
+  }
+  slider.addEventListener("input", function () { setMinScore(Number(slider.value)); render(); });
+  $("show-truth").addEventListener("change", function (event) { state.showTruth = event.target.checked; render(); });
+
+  // --------------------------------------------------------------------------- benchmark
+
+  function renderBenchmark(payload) {
+    const meta = $("benchmark-meta");
+    meta.replaceChildren();
+    if (!payload || !Array.isArray(payload.models)) {
+      meta.append(el("p", "No benchmark yet: run python benchmark.py --data D --models NAME=WEIGHTS ... (writes docs/data/benchmark.json).", { class: "note" }));
+      $("benchmark-table").replaceChildren();
+      return;
+    }
+    const p = el("p");
+    p.append(document.createTextNode(str(payload.split) + " split of " + str(payload.data) + ": " + str(payload.n_images) +
+      " images, " + str(payload.n_positive) + " with a fracture. Thresholds chosen on " + str(payload.val_split, "val") +
+      (payload.commit ? "; commit " + str(payload.commit) : "") + (payload.generated ? "; generated " + str(payload.generated) : "") + "."));
+    if (payload.synthetic) p.append(el("span", "synthetic demo", { class: "badge" }));
+    meta.append(p);
+    (Array.isArray(payload.notes) ? payload.notes : []).forEach(function (n) { meta.append(el("p", n, { class: "note" })); });
+    const rows = payload.models.map(function (m) {
+      const bal = m.balanced || {};
+      const ms = m.ms_per_image || {};
+      return [
+        str(m.name), str(m.backend), { text: num(m.map50), num: true }, { text: num(m.map50_95), num: true },
+        { text: num(m.roc_auc), num: true }, { text: num(bal.threshold, 3), num: true },
+        metric(bal.sensitivity), metric(bal.specificity), { text: num(ms.median, 1), num: true },
+        { text: isNum(m.params) ? m.params.toLocaleString("en") : "n/a", num: true }, { text: num(m.size_mb, 1), num: true },
+      ];
+    });
+    table($("benchmark-table"), "Every model on the same split (balanced operating point; 95% group-bootstrap intervals)",
+      ["Model", "Backend", "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "Threshold", "Sensitivity [95% CI]", "Specificity [95% CI]",
+        "ms / image (median)", "Parameters", "Size (MB)"], rows);
+  }
+
+  // --------------------------------------------------------------------------- evaluation report
+
+  function renderReport(report) {
+    const summary = $("report-summary");
+    summary.replaceChildren();
+    if (!report || !report.image_level) {
+      summary.append(el("p", "No evaluation report yet: python evaluate.py --weights W --data D --out docs/data/report.json --no-plots", { class: "note" }));
+      ["report-modes", "by-source", "by-region"].forEach(function (id) { $(id).replaceChildren(); });
+      return;
+    }
+    const box = report.box || {};
+    const model = report.model || {};
+    const p = el("p");
+    p.append(document.createTextNode((model.name || model.weights || model.predictions ? "Model " + str(model.name || model.weights || model.predictions) + " on the " : "The ") +
+      str(report.split) + " split of " + str(report.data) + ": " + str(report.n_images) + " images, " + str(report.n_positive) +
+      " with a fracture, " + str(report.n_groups) + " groups. Box mAP@0.5 " + num(box.map50) + ", mAP@0.5:0.95 " + num(box.map50_95) +
+      " (" + str(box.n_gt_boxes) + " true boxes); image ROC AUC " + num((report.image_auc || {}).roc_auc) + "."));
+    if (report.synthetic) p.append(el("span", "synthetic demo", { class: "badge" }));
+    summary.append(p);
+    (Array.isArray(report.notes) ? report.notes : []).slice(0, 6).forEach(function (n) { summary.append(el("p", n, { class: "note" })); });
+
+    const ops = report.operating_points || {};
+    const loc = report.localization || {};
+    const modes = Object.keys(report.image_level);
+    table($("report-modes"), null,
+      ["Mode", "Threshold", "Chosen on", "Sensitivity", "Specificity", "PPV", "NPV", "TP", "FP", "TN", "FN", "Localized sensitivity"],
+      modes.map(function (mode) {
+        const r = report.image_level[mode] || {};
+        const op = ops[mode] || {};
+        return [mode, { text: num(op.threshold, 4), num: true }, str(op.source), metric(r.sensitivity), metric(r.specificity),
+          metric(r.ppv), metric(r.npv), { text: str(r.tp), num: true }, { text: str(r.fp), num: true },
+          { text: str(r.tn), num: true }, { text: str(r.fn), num: true }, metric((loc[mode] || {}).sensitivity)];
+      }));
+    ["by_source", "by_region"].forEach(function (key) {
+      const parts = report[key] || {};
+      const node = $(key === "by_source" ? "by-source" : "by-region");
+      const names = Object.keys(parts);
+      if (!names.length) { node.replaceChildren(el("caption", "not in this report")); return; }
+      table(node, null, ["Name", "Images", "Positive", "True boxes", "mAP@0.5", "Sensitivity", "Specificity"],
+        names.map(function (name) {
+          const part = parts[name] || {};
+          const levels = part.image_level || {};
+          const bal = levels.balanced || levels[Object.keys(levels)[0]] || {};
+          return [name, { text: str(part.n_images), num: true }, { text: str(part.n_positive), num: true },
+            { text: str(part.n_gt_boxes), num: true }, { text: num((part.box || {}).map50), num: true },
+            metric(bal.sensitivity), metric(bal.specificity)];
+        }));
+    });
+    renderCurves(report);
+  }
+
+  // --------------------------------------------------------------------------- curves (inline SVG)
+
+  function svg(tag, attrs, text) {
+    const node = document.createElementNS(SVG_NS, tag);
+    Object.keys(attrs || {}).forEach(function (k) { node.setAttribute(k, String(attrs[k])); });
+    if (text !== undefined) node.textContent = String(text);
+    return node;
+  }
+
+  function plot(container, spec) {
+    // spec: {title, xlabel, ylabel, xmax, series: [{name, color, points: [[x, y]], markers}], dots: [{x, y, label}]}
+    const W = 460, H = 360, L = 56, R = 16, T = 30, B = 48;
+    const root = svg("svg", { viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": spec.title });
+    root.append(svg("title", {}, spec.title));
+    const xmax = spec.xmax || 1;
+    const X = function (x) { return L + (W - L - R) * Math.min(1, Math.max(0, x / xmax)); };
+    const Y = function (y) { return H - B - (H - T - B) * Math.min(1, Math.max(0, y)); };
+    for (let i = 0; i <= 5; i++) {
+      const gx = xmax * i / 5, gy = i / 5;
+      root.append(svg("line", { x1: X(gx), y1: T, x2: X(gx), y2: H - B, stroke: "#ddd" }));
+      root.append(svg("line", { x1: L, y1: Y(gy), x2: W - R, y2: Y(gy), stroke: "#ddd" }));
+      root.append(svg("text", { x: X(gx), y: H - B + 16, "text-anchor": "middle", "font-size": 11, fill: "#333" }, +(gx.toFixed(2))));
+      root.append(svg("text", { x: L - 6, y: Y(gy) + 4, "text-anchor": "end", "font-size": 11, fill: "#333" }, gy.toFixed(1)));
+    }
+    root.append(svg("rect", { x: L, y: T, width: W - L - R, height: H - T - B, fill: "none", stroke: "#555" }));
+    root.append(svg("text", { x: (L + W - R) / 2, y: H - 10, "text-anchor": "middle", "font-size": 12, fill: "#111" }, spec.xlabel));
+    root.append(svg("text", { x: 14, y: (T + H - B) / 2, "text-anchor": "middle", "font-size": 12, fill: "#111",
+      transform: "rotate(-90 14 " + (T + H - B) / 2 + ")" }, spec.ylabel));
+    root.append(svg("text", { x: L, y: 18, "font-size": 13, "font-weight": 600, fill: "#111" }, spec.title));
+    const drawn = spec.series.filter(function (s) { return s.points.length; });
+    drawn.forEach(function (s) {
+      const d = s.points.map(function (p, i) { return (i ? "L" : "M") + X(p[0]).toFixed(1) + " " + Y(p[1]).toFixed(1); }).join(" ");
+      root.append(svg("path", { d: d, fill: "none", stroke: s.color, "stroke-width": 2 }));
+      if (s.markers) s.points.forEach(function (p) { root.append(svg("circle", { cx: X(p[0]), cy: Y(p[1]), r: 2.5, fill: s.color })); });
+    });
+    (spec.dots || []).forEach(function (p) {
+      root.append(svg("circle", { cx: X(p.x), cy: Y(p.y), r: 4.5, fill: "#111" }));
+      root.append(svg("text", { x: X(p.x) - 6, y: Y(p.y) + 16, "text-anchor": "end", "font-size": 11, fill: "#111" }, p.label));
+    });
+    if (drawn.length) {  // legend on a white plate in the corner the curves usually leave empty
+      const lw = 150, lh = 16 * drawn.length + 8;
+      const lx = spec.legend === "lower-right" ? W - R - lw - 6 : L + 6;
+      const ly = H - B - lh - 6;
+      root.append(svg("rect", { x: lx, y: ly, width: lw, height: lh, fill: "#fff", stroke: "#999" }));
+      drawn.forEach(function (s, i) {
+        const y = ly + 16 * i + 16;
+        root.append(svg("line", { x1: lx + 6, y1: y - 4, x2: lx + 26, y2: y - 4, stroke: s.color, "stroke-width": 3 }));
+        root.append(svg("text", { x: lx + 32, y: y, "font-size": 11, fill: "#111" }, s.name));
+      });
+    }
+    if (!drawn.length) root.append(svg("text", { x: (L + W - R) / 2, y: (T + H - B) / 2, "text-anchor": "middle", "font-size": 13, fill: "#333" }, "no points in the report"));
+    container.replaceChildren(root);
+  }
+
+  function renderCurves(report) {
+    const pr = report.pr_curve || {};
+    const image = (Array.isArray(pr.image) ? pr.image : []).filter(function (p) { return isNum(p.recall) && isNum(p.precision); });
+    const boxes = (Array.isArray(pr.box_iou50) ? pr.box_iou50 : []).filter(function (p) { return isNum(p.recall) && isNum(p.precision); });
+    const dots = Object.keys(report.image_level || {}).map(function (mode) {
+      const r = report.image_level[mode] || {};
+      return { x: (r.sensitivity || {}).value, y: (r.ppv || {}).value, label: mode };
+    }).filter(function (p) { return isNum(p.x) && isNum(p.y); });
+    plot($("pr-plot"), {
+      title: "Precision-recall, " + str(report.split), xlabel: "recall (sensitivity)", ylabel: "precision (PPV)",
+      series: [
+        { name: "image level", color: "#0072b2", points: image.map(function (p) { return [p.recall, p.precision]; }).sort(function (a, b) { return a[0] - b[0]; }) },
+        { name: "boxes, IoU 0.5", color: "#d55e00", points: boxes.map(function (p) { return [p.recall, p.precision]; }) },
+      ],
+      dots: dots,
+    });
+    const froc = (Array.isArray(report.froc) ? report.froc : []).filter(function (p) { return isNum(p.fp_per_image) && isNum(p.sensitivity); })
+      .map(function (p) { return [p.fp_per_image, p.sensitivity]; }).sort(function (a, b) { return a[0] - b[0]; });
+    const maxFp = froc.reduce(function (m, p) { return Math.max(m, p[0]); }, 0);
+    const xmax = maxFp <= 1 ? 1 : Math.ceil(maxFp);
+    const iou = (report.localization || {}).iou;
+    plot($("froc-plot"), {
+      title: "FROC (IoU \u2265 " + (isNum(iou) ? iou : "?") + "), " + str(report.split), xlabel: "false-positive boxes per image",
+      ylabel: "lesion sensitivity", xmax: xmax,
+      series: [{ name: "lesions found", color: "#009e73", points: froc, markers: true }], legend: "lower-right",
+    });
+  }
+
+  // --------------------------------------------------------------------------- start
+
+  async function start() {
+    setMinScore(Number(slider.value));
+    const [predictions, benchmark, report] = await Promise.all([
+      loadData("predictions.json"), loadData("benchmark.json"), loadData("report.json"),
+    ]);
+    const status = $("data-status");
+    if (Object.values(dataSources).indexOf("bundle") >= 0) {
+      status.textContent = "Opened from disk: showing the copy of data/*.json in data/bundle.js" +
+        (BoneR.bundleGenerated ? " (written " + BoneR.bundleGenerated + ")" : "") +
+        ". Serve the folder (python -m http.server -d docs) or run make serve for the live files.";
+    }
+    if (predictions && Array.isArray(predictions.images) && predictions.images.length) {
+      const models = Array.isArray(predictions.models) ? predictions.models : [];
+      const thresholds = models.map(function (m) { return m && m.threshold; }).filter(isNum);
+      if (thresholds.length) setMinScore(Math.floor(Math.min.apply(null, thresholds) * 100) / 100);
+      const note = predictions.synthetic
+        ? "Synthetic demo: phantom images and made-up boxes, not radiographs and not a trained model's output."
+        : "Generated by " + str(predictions.generator, "compare_overlay.py") + (predictions.generated ? " on " + str(predictions.generated) : "") +
+          ". " + (Array.isArray(predictions.notes) ? predictions.notes.join(" ") : "");
+      predictions.images.forEach(function (entry) {
+        if (entry && typeof entry === "object") addScene(sceneFrom(entry, models, predictions.synthetic, note), false);
+      });
+    } else {
+      $("viewer-note").textContent = "No predictions to show (data/predictions.json is " + (dataSources["predictions.json"] || "missing") +
+        "). Write it with compare_overlay.py or scripts/make_demo_docs.py.";
+    }
+    renderBenchmark(benchmark);
+    renderReport(report);
+    document.body.dataset.ready = "true";
+  }
+
+  start().catch(function (err) {
+    $("data-status").textContent = "The page could not start: " + String(err && err.message ? err.message : err);
+    document.body.dataset.ready = "error";
+  });
+})();

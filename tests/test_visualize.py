@@ -1,0 +1,170 @@
+"""visualize.py and inference.draw_overlay: boxes, scores, hints, legend, band; PNG/JPEG/DICOM in."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+import inference
+import visualize
+from fakes import write_fake_model
+from inference import Detection
+from phantoms import encode, make_dicom, make_phantom, to_8bit, truncated_jpeg
+
+ORANGE, BLUE, GREEN = inference.PALETTE[0], inference.PALETTE[1], inference.PALETTE[2]
+
+
+def count(rgb: np.ndarray, color, tol: int = 10) -> int:
+    return int((np.abs(rgb.astype(int) - np.array(color)).max(axis=2) <= tol).sum())
+
+
+def read_rgb(path) -> np.ndarray:
+    return cv2.cvtColor(cv2.imread(str(path), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+
+
+@pytest.fixture()
+def phantom():
+    return make_phantom(300, 240, seed=4)
+
+
+def yolo_box(ph):
+    h, w = ph.pixels.shape
+    x1, y1, x2, y2 = ph.box
+    return [(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h]
+
+
+# --------------------------------------------------------------------------- the drawing code
+
+
+def test_draw_overlay_boxes_legend_band():
+    gray = np.full((300, 400, 3), 60, np.uint8)
+    dets = [Detection((200, 150, 300, 200), 0.9, "fracture", "a"), Detection((50, 220, 120, 260), 0.4, "fracture", "b")]
+    out = inference.draw_overlay(gray, dets, legend=["a", "b", "c"])
+    assert out.shape[1] == 400 and out.shape[0] > 300  # band added below
+    assert out[300:].mean() < 80  # the band is dark...
+    assert (out[300:] > 200).any()  # ...with white text
+    # box edges in each model's colour, in order of the legend
+    assert count(out[150:152, 210:290], ORANGE) > 100
+    assert count(out[258:262, 60:110], BLUE) > 50
+    # "c" has no box here but a legend entry: its swatch is the only green on the canvas
+    assert count(out[:300], GREEN) > 20
+    assert count(inference.draw_overlay(gray, dets)[:300], GREEN) == 0
+
+
+def test_draw_overlay_labels_do_not_cover_each_other():
+    gray = np.full((300, 400, 3), 60, np.uint8)
+    same = (150, 140, 250, 160)
+    dets = [Detection(same, 0.9, "fracture", "a"), Detection(same, 0.8, "fracture", "b")]
+    out = inference.draw_overlay(gray, dets, show_hints=False)
+    # both labels' text is visible (orange and blue text pixels outside the box lines)
+    outside = np.ones(out.shape[:2], bool)
+    outside[136:165, 146:255] = False
+    outside[300:] = False
+    for color in (ORANGE, BLUE):
+        mask = (np.abs(out.astype(int) - np.array(color)).max(axis=2) <= 10) & outside
+        assert mask[:, 60:].sum() > 15, color  # not counting the legend at the left
+
+
+def test_hints_line_is_written_and_can_be_left_out():
+    gray = np.full((300, 400, 3), 60, np.uint8)
+    det = Detection((150, 140, 250, 160), 0.9, "fracture", "a")
+    det.hints = inference.guess_type_and_severity(det, (400, 300))
+    with_hints = inference.draw_overlay(gray, [det])
+    without = inference.draw_overlay(gray, [det], show_hints=False)
+    assert count(with_hints, ORANGE) > count(without, ORANGE) + 50
+
+
+def test_narrow_image_band_still_says_not_a_diagnosis():
+    out = inference.draw_overlay(np.zeros((200, 60, 3), np.uint8), [])
+    assert out.shape[1] == 60 and (out[200:] > 200).any()
+
+
+def test_visualize_render_is_the_service_overlay(phantom):
+    loaded = inference.load_image(encode(phantom.pixels, ".png"))
+    det = Detection(phantom.box, 0.8, "fracture", "m")
+    pred = inference.Prediction("x", 240, 300, "balanced", 0.5, "conf", [det], {})
+    assert np.array_equal(visualize.render(loaded, [det]), inference.overlay_for(pred, loaded))
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+@pytest.mark.parametrize("fmt", ["png16", "jpeg", "dicom"])
+def test_cli_predicts_and_draws_each_format(tmp_path, phantom, fmt, capsys):
+    weights = write_fake_model(tmp_path / "m", [[*yolo_box(phantom), 0.8]])
+    image = tmp_path / {"png16": "x.png", "jpeg": "x.jpg", "dicom": "x.dcm"}[fmt]
+    if fmt == "png16":
+        image.write_bytes(encode(phantom.pixels, ".png"))
+    elif fmt == "jpeg":
+        image.write_bytes(encode(to_8bit(phantom.pixels), ".jpg"))
+    else:
+        image.write_bytes(make_dicom(phantom.pixels))
+    out = tmp_path / "out" / "overlay.png"
+    assert visualize.main(["--image", str(image), "--weights", str(weights), "--out", str(out)]) == 0
+    rgb = read_rgb(out)
+    assert rgb.shape[:2][1] == 240 and rgb.shape[0] > 300
+    x1, y1, x2, y2 = phantom.box
+    assert count(rgb[y2 - 1:y2 + 2, x1 + 5:x2 - 5], ORANGE, 25) > 20  # the box's bottom edge
+    assert "1 box(es) drawn" in capsys.readouterr().out
+
+
+def test_cli_saved_predictions_use_the_record_threshold_and_conf(tmp_path, phantom):
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(phantom.pixels, ".png"))
+    record = {"image": str(image), "image_size": [240, 300], "threshold": 0.25,
+              "detections": [{"xyxy": list(phantom.box), "score": 0.9, "model": "m"},
+                             {"xyxy": [10, 250, 60, 280], "score": 0.05, "model": "m"}]}
+    preds = tmp_path / "results.json"
+    preds.write_text(json.dumps([record]))
+    out = tmp_path / "o.jpg"
+    assert visualize.main(["--image", str(image), "--predictions", str(preds), "--out", str(out), "--no-hints"]) == 0
+    low_box = read_rgb(out)[278:282, 15:55]
+    assert count(low_box, ORANGE, 40) < 5  # 0.05 < the record's threshold: not drawn
+    assert visualize.main(["--image", str(image), "--predictions", str(preds), "--out", str(out), "--conf", "0.01"]) == 0
+    assert count(read_rgb(out)[278:282, 15:55], ORANGE, 40) > 10
+
+
+def test_cli_folder_mode_counts_failures(tmp_path, phantom, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    (scans / "a.png").write_bytes(encode(phantom.pixels, ".png"))
+    (scans / "b.jpg").write_bytes(truncated_jpeg(phantom.pixels))  # repaired by load_image
+    (scans / "c.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # corrupt
+    weights = write_fake_model(tmp_path / "m", [[*yolo_box(phantom), 0.8]])
+    out = tmp_path / "overlays"
+    rc = visualize.main(["--image", str(scans), "--weights", str(weights), "--out", str(out), "--format", "jpg"])
+    assert rc == 1
+    assert sorted(p.name for p in out.iterdir()) == ["a.jpg", "b.jpg"]
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 1 and "c.png" in err[0]
+    assert sorted(p.name for p in scans.iterdir()) == ["a.png", "b.jpg", "c.png"]  # inputs untouched
+
+
+@pytest.mark.parametrize("case", ["missing", "suffix", "inside", "overwrite", "size", "no-record", "conf"])
+def test_cli_bad_input_is_one_line(tmp_path, phantom, capsys, case):
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(phantom.pixels, ".png"))
+    preds = tmp_path / "r.json"
+    preds.write_text(json.dumps([{"image": str(image), "image_size": [240, 300], "detections": []}]))
+    argv = {
+        "missing": ["--image", str(tmp_path / "nope.png"), "--predictions", str(preds), "--out", str(tmp_path / "o.png")],
+        "suffix": ["--image", str(image), "--predictions", str(preds), "--out", str(tmp_path / "o.gif")],
+        "inside": ["--image", str(tmp_path), "--predictions", str(preds), "--out", str(tmp_path / "sub")],
+        "overwrite": ["--image", str(image), "--predictions", str(preds), "--out", str(image)],
+        "size": None,
+        "no-record": ["--image", str(image), "--predictions", str(tmp_path / "r2.json"), "--out", str(tmp_path / "o.png")],
+        "conf": ["--image", str(image), "--predictions", str(preds), "--out", str(tmp_path / "o.png"), "--conf", "2"],
+    }[case]
+    if case == "size":
+        preds.write_text(json.dumps([{"image": str(image), "image_size": [100, 100], "detections": []}]))
+        argv = ["--image", str(image), "--predictions", str(preds), "--out", str(tmp_path / "o.png")]
+    if case == "no-record":
+        (tmp_path / "r2.json").write_text(json.dumps([{"image": "other.png", "detections": []}]))
+    before = image.read_bytes()
+    rc = visualize.main(argv)
+    err = capsys.readouterr().err
+    assert rc in (1, 2) and err.startswith("error: ") and err.count("\n") == 1, err
+    assert image.read_bytes() == before
