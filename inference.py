@@ -386,9 +386,12 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
     if pixels.shape != (rows, cols):
         raise ImageDecodeError(f"the DICOM pixel data ({pixels.shape}) does not match its Rows x Columns ({rows}x{cols})", "corrupt")
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
-        tags["RescaleSlope"] = float(ds.get("RescaleSlope", 1) or 1)
-        tags["RescaleIntercept"] = float(ds.get("RescaleIntercept", 0) or 0)
+        for key, default in (("RescaleSlope", 1), ("RescaleIntercept", 0)):
+            value = float(ds.get(key, default) or default)
+            tags[key] = value if math.isfinite(value) else None  # JSON has no NaN or infinity
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    if not np.isfinite(values).all():
+        raise ImageDecodeError("the DICOM rescale (RescaleSlope/Intercept) gives non-finite pixel values", "corrupt")
 
     display = None
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
@@ -406,6 +409,8 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
     if display is None and "WindowCenter" in ds and "WindowWidth" in ds:
         try:
             center, width = _first(ds.WindowCenter), _first(ds.WindowWidth)
+            if not (math.isfinite(center) and math.isfinite(width)):
+                raise ValueError("non-finite window")
             function = str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR").strip().upper()
             if center + width / 2 < values.min() or center - width / 2 > values.max():
                 # A window that misses every stored value gives a blank image (seen in real files).

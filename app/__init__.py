@@ -1,0 +1,1 @@
+"""Bone-R's FastAPI service (`app.main:app`)."""
