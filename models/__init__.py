@@ -30,6 +30,10 @@ class Detector(Protocol):
 # name -> "module:factory"; factories take (weights, **kwargs).
 _REGISTRY: dict[str, str] = {
     "yolo": "models.yolo:YoloDetector",
+    "onnx": "models.onnx:OnnxDetector",
+    "fasterrcnn": "models.torchvision_det:FasterRCNNDetector",
+    "retinanet": "models.torchvision_det:RetinaNetDetector",
+    "fcos": "models.torchvision_det:FCOSDetector",
 }
 
 
@@ -60,4 +64,8 @@ def infer_backend(weights: str | Path, card: dict[str, Any] | None = None) -> st
         return "onnx"
     if suffix == ".pt":
         return "yolo"
+    if suffix == ".pth":  # train_torchvision.py checkpoints: their config names the detector
+        from models.torchvision_det import checkpoint_arch
+
+        return checkpoint_arch(weights)
     raise ValueError(f"cannot tell the backend of {weights}; pass --backend ({', '.join(available_backends())})")

