@@ -445,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
+    from compare_overlay import refresh_site_bundle
+
+    refresh_site_bundle(out)  # pages opened from disk read bundle.js
     print(format_table(payload))
     print(f"wrote {out}")
     print("Research and teaching tool, not a diagnosis.")

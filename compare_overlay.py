@@ -82,8 +82,8 @@ def write_site_bundle(data_dir: Path = SITE_DATA, stamp: str | None = None) -> P
     """bundle.js: `window.BONER_SITE_DATA = {file name: its JSON}` for the site's JSON files present.
 
     The page fetches data/*.json; opened from disk (file://) the browser refuses, and it
-    falls back to this copy. Re-run after anything rewrites data/*.json (benchmark.py,
-    evaluate.py --out docs/data/report.json): `python scripts/make_demo_docs.py --bundle-only`.
+    falls back to this copy. benchmark.py and evaluate.py refresh it through
+    `refresh_site_bundle`; after a hand edit: `python scripts/make_demo_docs.py --bundle-only`.
     """
     data: dict[str, Any] = {}
     for name in SITE_FILES:
@@ -99,6 +99,12 @@ def write_site_bundle(data_dir: Path = SITE_DATA, stamp: str | None = None) -> P
                    f"window.BONER_SITE_DATA = {text};\n")
     os.replace(tmp, out)
     return out
+
+
+def refresh_site_bundle(written: Path) -> None:
+    """After writing a site JSON file: refresh bundle.js when `written` lives in the site's data folder."""
+    if written.name in SITE_FILES and (written.parent / "bundle.js").is_file():
+        write_site_bundle(written.parent)
 
 
 # --------------------------------------------------------------------------- models

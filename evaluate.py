@@ -586,19 +586,6 @@ def match_predictions(records: Sequence[dict[str, Any]], gt: GroundTruth, bases:
     return preds, unmatched, errors
 
 
-@contextlib.contextmanager
-def _contract_as(predictor: Any, contract: inference.Contract | None):
-    if contract is None:
-        yield
-        return
-    saved = predictor.contract
-    predictor.contract = contract
-    try:
-        yield
-    finally:
-        predictor.contract = saved
-
-
 def harmonization_for(predictor: Any, gt: GroundTruth, harmonize: str = "auto") -> tuple[inference.Contract | None, list[str]]:
     """(contract to use instead of the predictor's, or None; notes) for predicting `gt`'s images.
 
@@ -630,18 +617,17 @@ def predict_split(predictor: Any, gt: GroundTruth, min_score: float = DEFAULT_MI
 
     contract, _ = harmonization_for(predictor, gt, harmonize)
     records = []
-    with _contract_as(predictor, contract):
-        for im in tqdm(gt.images, desc=f"predict {gt.split}", unit="img", disable=not progress):
-            try:
-                pred = predictor.predict(im.path, "balanced", min_score=min_score)
-            except inference.ImageDecodeError as err:
-                records.append({"image": os.fspath(im.path), "error": str(err)})
-                continue
-            rec = pred.to_record() | {"min_score": min_score}
-            for d, det in zip(rec["detections"], pred.detections):
-                d["score"] = det.score
-                d["xyxy"] = list(det.xyxy)
-            records.append(rec)
+    for im in tqdm(gt.images, desc=f"predict {gt.split}", unit="img", disable=not progress):
+        try:
+            pred = predictor.predict(im.path, "balanced", min_score=min_score, contract=contract)
+        except inference.ImageDecodeError as err:
+            records.append({"image": os.fspath(im.path), "error": str(err)})
+            continue
+        rec = pred.to_record() | {"min_score": min_score}
+        for d, det in zip(rec["detections"], pred.detections):
+            d["score"] = det.score
+            d["xyxy"] = list(det.xyxy)
+        records.append(rec)
     return records
 
 
@@ -1389,6 +1375,9 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(jsonable({k: v for k, v in report.items() if not k.startswith("_")}), indent=2) + "\n")
+    from compare_overlay import refresh_site_bundle
+
+    refresh_site_bundle(out)  # docs/data/report.json: pages opened from disk read bundle.js
     return out
 
 

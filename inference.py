@@ -643,8 +643,9 @@ def default_weights() -> Path:
         path = WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}{suffix}"
         if path.is_file():
             return path
+    shown = WEIGHTS_DIR.relative_to(ROOT) if WEIGHTS_DIR.is_relative_to(ROOT) else WEIGHTS_DIR.name  # no server paths in messages
     raise FileNotFoundError(
-        f"no bundled model found at {WEIGHTS_DIR}/{DEFAULT_MODEL_NAME}.onnx (or .pt); "
+        f"no bundled model found at {shown}/{DEFAULT_MODEL_NAME}.onnx (or .pt); "
         "pass --weights PATH to a trained model (e.g. runs/<name>/weights/best.pt from train.py)"
     )
 
@@ -746,13 +747,15 @@ class Predictor:
     def predict_loaded(
         self, loaded: LoadedImage, image: str = "", mode: str = "balanced", conf: float | None = None,
         min_score: float | None = None, hints: bool = True, timings: dict[str, float] | None = None,
+        contract: Contract | None = None,
     ) -> Prediction:
-        """Predict on an already decoded image. `min_score` keeps lower boxes (evaluation uses 0.001)."""
+        """Predict on an already decoded image. `min_score` keeps lower boxes (evaluation uses 0.001);
+        `contract` replaces the model's for this call (evaluation of an already harmonized tree)."""
         threshold, source = self.threshold(mode, conf)
         keep = threshold if min_score is None else min(min_score, threshold)
         timings = dict(timings or {})
         t0 = time.perf_counter()
-        rgb = harmonize(loaded.pixels, self.contract)
+        rgb = harmonize(loaded.pixels, contract or self.contract)
         t1 = time.perf_counter()
         raw = self.detector.predict(rgb, keep)
         t2 = time.perf_counter()

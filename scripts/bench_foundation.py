@@ -47,7 +47,6 @@ def throughput(args) -> dict:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from phantoms import make_phantom
-
     from scripts import preprocess
 
     h, w = (int(v) for v in args.size.lower().split("x"))

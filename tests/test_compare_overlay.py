@@ -103,3 +103,20 @@ def test_bad_input_is_one_line(setup, capsys, argv_tail, message):
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
     assert not (tmp / "o.png").exists()
+
+
+def test_writing_site_json_refreshes_the_bundle(tmp_path):
+    """evaluate.write_report into a site data folder keeps bundle.js (the file:// copy) current."""
+    import json
+
+    import compare_overlay
+    import evaluate
+
+    compare_overlay.write_site_bundle(tmp_path)
+    evaluate.write_report({"split": "test", "box": {"map50": 0.5}, "_records": []}, tmp_path / "report.json")
+    bundle = (tmp_path / "bundle.js").read_text()
+    payload = json.loads(bundle.split("window.BONER_SITE_DATA = ", 1)[1].rstrip().rstrip(";"))
+    assert payload["files"]["report.json"]["box"]["map50"] == 0.5
+    other = tmp_path / "elsewhere"
+    evaluate.write_report({"split": "test"}, other / "report.json")
+    assert not (other / "bundle.js").exists()  # only the site's data folder has a bundle

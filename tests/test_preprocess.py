@@ -9,9 +9,9 @@ import os
 import cv2
 import numpy as np
 import pytest
-from phantoms import encode, make_phantom, to_8bit, truncated_jpeg
 
 from inference import Contract, harmonize, load_image
+from phantoms import encode, make_phantom, to_8bit, truncated_jpeg
 from scripts import preprocess
 
 
