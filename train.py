@@ -41,6 +41,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -674,18 +675,24 @@ def _check_args(args: argparse.Namespace) -> None:
         raise TrainError("--stop-after must be >= 1")
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_cli(run: Callable[[argparse.Namespace, list[str]], int], parser: argparse.ArgumentParser,
+            argv: list[str] | None) -> int:
+    """The trainers' shared main(): a TrainError is one line on stderr (exit 2), Ctrl-C says how to resume."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = get_args_parser().parse_args(argv)
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    args = parser.parse_args(argv)
     try:
-        return _run(args, argv)
+        return run(args, argv)
     except TrainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; continue later with --resume --name <run>", file=sys.stderr)
         return 130
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    return run_cli(_run, get_args_parser(), argv)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -56,6 +56,7 @@ from train import (  # noqa: E402
     read_json,
     read_train_log,
     restore_run_args,
+    run_cli,
     save_checkpoint,
     seed_everything,
     training_summary,
@@ -332,16 +333,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = get_args_parser().parse_args(argv)
-    try:
-        return _run(args, argv)
-    except TrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue later with --resume --name <run>", file=sys.stderr)
-        return 130
+    return run_cli(_run, get_args_parser(), argv)
 
 
 def _contract_for(args: argparse.Namespace) -> tuple[Contract, bool]:
