@@ -597,7 +597,7 @@ def harmonization_for(predictor: Any, gt: GroundTruth, harmonize: str = "auto") 
         raise ValueError(f"harmonize must be auto, yes or no, got {harmonize!r}")
     if harmonize == "no" or (harmonize == "auto" and gt.tree_contract is not None):
         notes = ["images fed to the model as stored (the tree is already harmonized"
-                 + (f": {gt.tree_contract_path}" if gt.tree_contract_path else "") + "); no second harmonization"]
+                 + (f": {inference.display_path(gt.tree_contract_path)}" if gt.tree_contract_path else "") + "); no second harmonization"]
         if gt.tree_contract is not None and gt.tree_contract != predictor.contract:
             notes.append(f"WARNING: the tree was harmonized with {gt.tree_contract.to_dict()} but the model's contract is "
                          f"{predictor.contract.to_dict()}")

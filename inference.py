@@ -643,11 +643,16 @@ def default_weights() -> Path:
         path = WEIGHTS_DIR / f"{DEFAULT_MODEL_NAME}{suffix}"
         if path.is_file():
             return path
-    shown = WEIGHTS_DIR.relative_to(ROOT) if WEIGHTS_DIR.is_relative_to(ROOT) else WEIGHTS_DIR.name  # no server paths in messages
     raise FileNotFoundError(
-        f"no bundled model found at {shown}/{DEFAULT_MODEL_NAME}.onnx (or .pt); "
+        f"no bundled model found at {display_path(WEIGHTS_DIR / DEFAULT_MODEL_NAME)}.onnx (or .pt); "
         "pass --weights PATH to a trained model (e.g. runs/<name>/weights/best.pt from train.py)"
     )
+
+
+def display_path(path: Path | str) -> str:
+    """A path relative to the repository when inside it: cards, reports and messages never carry this machine's layout."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

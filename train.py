@@ -50,7 +50,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inference import DISCLAIMER, Contract, card_path_for, sha256_file  # noqa: E402
+from inference import DISCLAIMER, Contract, card_path_for, display_path, sha256_file  # noqa: E402
 
 DEFAULT_RUNS = ROOT / "runs"
 DEFAULT_DATA = ROOT / "dataset.yaml"
@@ -390,15 +390,6 @@ def write_card(weights: Path, card: dict[str, Any]) -> Path:
 def absolute(path: Path | str | None) -> Path | None:
     """An absolute path (symlinks kept), or None."""
     return None if path is None else Path(os.path.abspath(path))
-
-
-def display_path(path: Path | str) -> str:
-    """A path relative to the repo when inside it (for cards and messages)."""
-    path = Path(path).resolve()
-    try:
-        return str(path.relative_to(ROOT))
-    except ValueError:
-        return str(path)
 
 
 def evaluate_after_training(weights: Path, data: Path) -> int:

@@ -1,0 +1,43 @@
+"""scripts/write_model_card.py renders MODEL_CARD.md from the JSON card, numbers untouched."""
+
+import json
+
+from scripts import write_model_card
+
+
+def _card():
+    ci = lambda v, lo, hi: {"value": v, "ci": [lo, hi]}  # noqa: E731
+    level = {"threshold": 0.25, "sensitivity": ci(0.8, 0.7, 0.9), "specificity": ci(0.9, 0.85, 0.95),
+             "ppv": ci(0.6, 0.5, 0.7), "npv": ci(0.95, 0.9, 0.99), "tp": 8, "fp": 5, "tn": 45, "fn": 2}
+    part = {"n_images": 60, "n_positive": 10, "box": {"map50": 0.4321, "map50_95": 0.1234}, "image_level": {"balanced": level}}
+    return {
+        "name": "demo", "backend": "onnx", "architecture": "yolov8n", "classes": ["fracture"], "imgsz": 640,
+        "contract": {"clahe_clip": 2.0}, "started_from": "scratch: yolov8n.yaml",
+        "training": {"command": "python train.py --epochs 3", "epochs": 3, "wall_time_s": 100.0, "seconds_per_epoch": 33.3},
+        "dataset": {"yaml": "data/merged/dataset.yaml", "splits_sha256": "abc123"},
+        "thresholds": {"screening": {"threshold": 0.05, "target": 0.95, "val_sensitivity": 0.96, "val_specificity": 0.4},
+                       "balanced": {"threshold": 0.25}, "specific": {"threshold": 0.6}},
+        "metrics": {"split": "test", "n_images": 60, "n_positive": 10, "box": {"map50": 0.4321, "map50_95": 0.1234, "n_gt_boxes": 12},
+                    "image_level": {"balanced": level}, "bootstrap": {"n_boot": 2000, "resampled": "groups"},
+                    "by_source": {"fracatlas": part}, "by_region": {"hand": part}},
+    }
+
+
+def test_renders_the_cards_numbers(tmp_path):
+    card = tmp_path / "demo.json"
+    card.write_text(json.dumps(_card()))
+    out = tmp_path / "MODEL_CARD.md"
+    assert write_model_card.main(["--card", str(card), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "mAP@0.5 **0.432**" in text and "0.800 [0.700–0.900]" in text and "8/5/45/2" in text
+    assert "| screening | 0.0500 | 0.950 | 0.960 | 0.400 |" in text
+    assert "| fracatlas | 60 | 10 | 0.432 | 0.123 |" in text and "| hand | 60 |" in text
+    assert "not a diagnosis" in text and "What it cannot do" in text
+
+
+def test_rejects_what_is_not_a_card(tmp_path, capsys):
+    bad = tmp_path / "x.json"
+    bad.write_text("[1, 2]")
+    assert write_model_card.main(["--card", str(bad), "--out", str(tmp_path / "o.md")]) == 2
+    assert write_model_card.main(["--card", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o.md")]) == 2
+    assert "error" in capsys.readouterr().err
