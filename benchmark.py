@@ -336,6 +336,11 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
             if baseline is None:
                 baseline = (spec.name, row["plain_ultralytics_ms"]["end_to_end"]["median"])
         rows.append(row)
+    what = "plain Ultralytics YOLO(pt).predict(path)"
+    torch_row = next((r for r in rows if Path(r["weights"]).suffix == ".pth"), None)
+    if baseline is None and torch_row is not None:  # no YOLO .pt: a torchvision checkpoint's PyTorch backend is plain PyTorch
+        baseline = (torch_row["name"], torch_row["stages_ms"]["end_to_end"]["median"])
+        what = "the torchvision checkpoint through its PyTorch backend (inference.Predictor)"
     for row in rows:
         med = row["stages_ms"]["end_to_end"]["median"]
         if baseline and baseline[1] and med:
@@ -348,10 +353,9 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
         "commit": git_commit(),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads, "device": device},
         "images": {"n": len(images), "sizes_wh": [list(s) for s in sizes], "warmup": warmup, "repeats": repeats},
-        "baseline": None if baseline is None else {"model": baseline[0], "what": "plain Ultralytics YOLO(pt).predict(path)",
-                                                   "end_to_end_median_ms": baseline[1]},
+        "baseline": None if baseline is None else {"model": baseline[0], "what": what, "end_to_end_median_ms": baseline[1]},
         "models": rows,
-        "notes": ["speedup_vs_plain_pytorch = plain Ultralytics median end-to-end ms / this model's median end-to-end ms (>1: faster)",
+        "notes": ["speedup_vs_plain_pytorch = the baseline's (plain Ultralytics, else a .pth's PyTorch backend) median end-to-end ms / this model's (>1: faster)",
                   "threads: torch.set_num_threads, OMP_NUM_THREADS and BONE_R_ORT_THREADS (ONNX Runtime intra-op) = --threads"],
     }
 
@@ -371,7 +375,7 @@ def format_speed(payload: dict[str, Any]) -> str:
         lines.append(f"{r['name'][:16]:<16} {r['backend'][:22]:<22} {ms(s['decode']):>13} {ms(s['harmonize']):>13} {ms(s['model']):>13} "
                      f"{ms(s['post']):>11} {ms(s['end_to_end']):>13} {ms(plain):>13} {f'x{sp:.2f}' if sp else 'n/a':>8}")
     if payload.get("baseline"):
-        lines.append(f"speedup = plain Ultralytics ({payload['baseline']['model']}) median / the row's median end-to-end")
+        lines.append(f"speedup = {payload['baseline']['what']} ({payload['baseline']['model']}) median / the row's median end-to-end")
     return "\n".join(lines)
 
 

@@ -199,3 +199,102 @@ class RetinaNetDetector(TorchvisionDetector):
 
 class FCOSDetector(TorchvisionDetector):
     arch = "fcos"
+
+
+# --------------------------------------------------------------------------- ONNX export (scripts/export_onnx.py)
+
+
+class OnnxExportWrapper(nn.Module):
+    """The detector as ONNX holds it: a normalized model-resolution image (1, 3, h, w) -> (boxes, scores, labels).
+
+    The normalization and the resize to the model's resolution happen outside, in torchvision's order (normalize,
+    then resize): models/onnx.py reproduces `TorchvisionDetector.predict` and torchvision's transform in numpy, bit
+    for bit. Everything after them is the trained model unchanged: padding to a multiple of 32, backbone, RPN or
+    dense head, box decoding and NMS. Boxes are in the input's pixels.
+    """
+
+    def __init__(self, model: nn.Module):
+        import copy
+
+        from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+        class NoResizeTransform(GeneralizedRCNNTransform):
+            def normalize(self, image):
+                return image
+
+            def resize(self, image, target=None):
+                return image, target
+
+            def postprocess(self, result, image_shapes, original_image_sizes):
+                return result
+
+        super().__init__()
+        self.model = copy.deepcopy(model).eval()
+        t = self.model.transform
+        self.model.transform = NoResizeTransform(t.min_size, t.max_size, t.image_mean, t.image_std,
+                                                 size_divisible=t.size_divisible, fixed_size=t.fixed_size)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        out = self.model([image[0]])[0]
+        return out["boxes"], out["scores"], out["labels"]
+
+
+def nms_output_limit(model: nn.Module) -> int:
+    """How many boxes any NMS in `model` may keep before its caller cuts the list (RPN post-NMS top-n, detections)."""
+    limits = [int(getattr(model, "detections_per_img", 0) or 0)]
+    if hasattr(model, "roi_heads"):
+        limits.append(int(model.roi_heads.detections_per_img))
+    if hasattr(model, "rpn"):
+        limits.append(int(model.rpn._post_nms_top_n["testing"]))
+    return max(limits)
+
+
+def onnx_export_patches(nms_limit: int):
+    """A context manager that makes torchvision's traced graph faster in ONNX Runtime, same boxes:
+
+    - NMS keeps at most `nms_limit` boxes (ONNX NonMaxSuppression's max_output_boxes_per_class): every caller
+      keeps only the first (highest-score) ones anyway, so greedy NMS can stop there (7.7 -> 0.2 ms per image
+      for the RPN's ~3,300 boxes);
+    - the multi-scale RoIAlign merges its levels by one row gather instead of torchvision's element-wise
+      ScatterElements over a (rois, C, 7, 7) index tensor (about 12 ms per image on CPU).
+    """
+    import contextlib
+
+    import torchvision.ops.boxes as box_ops
+    import torchvision.ops.poolers as poolers
+    from torch.onnx import symbolic_opset11 as opset11
+
+    class LimitedNms(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, boxes, scores, iou_threshold: float, limit: int):
+            return torch.ops.torchvision.nms(boxes, scores, iou_threshold)[:limit]
+
+        @staticmethod
+        def symbolic(g, boxes, scores, iou_threshold: float, limit: int):
+            selected = g.op("NonMaxSuppression", opset11.unsqueeze(g, boxes, 0),
+                            opset11.unsqueeze(g, opset11.unsqueeze(g, scores, 0), 0),
+                            g.op("Constant", value_t=torch.tensor([limit], dtype=torch.long)),
+                            g.op("Constant", value_t=torch.tensor([iou_threshold], dtype=torch.float)))
+            column = g.op("Constant", value_t=torch.tensor([2], dtype=torch.long))
+            return opset11.squeeze(g, opset11.select(g, selected, 1, column), 1)
+
+    def batched_nms(boxes, scores, idxs, iou_threshold):
+        # torchvision's coordinate trick (classes apart by an offset); the 0 keeps max() defined on no boxes
+        max_coordinate = torch.cat([boxes.flatten(), boxes.new_zeros(1)]).max()
+        offsets = idxs.to(boxes) * (max_coordinate + torch.tensor(1).to(boxes))
+        return LimitedNms.apply(boxes + offsets[:, None], scores, float(iou_threshold), int(nms_limit))
+
+    def merge_levels(levels, unmerged_results):
+        order = torch.cat([torch.where(levels == level)[0] for level in range(len(unmerged_results))])
+        return torch.cat(unmerged_results)[torch.argsort(order)]
+
+    @contextlib.contextmanager
+    def patched():
+        saved = box_ops.batched_nms, poolers._onnx_merge_levels
+        box_ops.batched_nms, poolers._onnx_merge_levels = batched_nms, merge_levels
+        try:
+            yield
+        finally:
+            box_ops.batched_nms, poolers._onnx_merge_levels = saved
+
+    return patched()

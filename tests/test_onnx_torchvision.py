@@ -1,0 +1,268 @@
+"""torchvision detectors in the onnx backend: exported by scripts/export_onnx.py, boxes equal to the PyTorch backend's.
+
+The models compared are tiny, fixed-seed, randomly initialized Faster R-CNN and FCOS
+(EfficientNet-Lite0 + FPN at imgsz 128) whose backbone is re-initialized (He) and whose
+heads are set so that they give tens of content-dependent boxes with spread scores on
+every phantom (no sliver boxes, whose IoU would jump with float noise): an error in
+the resize rule, the box mapping, NMS or the graph rewrites of the export would move
+or drop boxes. Both backends see the same harmonized pixels through `inference.Predictor`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from inference import Contract, Predictor, harmonize, sha256_file
+from phantoms import make_phantom
+
+IMGSZ = 128
+# (height, width): below imgsz (torchvision's bilinear upscale), above it (area downscale), above the contract's max_side
+PHANTOM_SIZES = [(100, 80), (300, 200), (1400, 1000)]
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One torch thread: two OpenMP threads beside another busy process on a small machine make every op wait."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tv_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
+    """A random-but-confident torchvision checkpoint (train_torchvision.py's format) and its model card."""
+    from models.torchvision_det import build_model, default_config
+
+    torch.manual_seed(seed)
+    config = default_config(arch, imgsz=IMGSZ, fpn_channels=64, box_head_dim=64)
+    model = build_model(config).eval()
+    with torch.no_grad():
+        for module in model.backbone.modules():  # He init: features that vary with the image
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+                if module.bias is not None:
+                    torch.nn.init.normal_(module.bias, std=0.1)
+        if arch == "fasterrcnn":  # class scores that differ from box to box
+            torch.nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.01)
+            torch.nn.init.zeros_(model.roi_heads.box_predictor.cls_score.bias)
+        else:  # FCOS: boxes a few strides wide (none clipped to nothing in the padding), spread scores
+            torch.nn.init.normal_(model.head.regression_head.bbox_reg.weight, std=0.01)
+            torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 4.0)
+            torch.nn.init.normal_(model.head.classification_head.cls_logits.weight, std=0.05)
+    torch.save({"model": model.state_dict(), "config": config}, path)
+    card = {"name": path.stem, "backend": arch, "imgsz": IMGSZ, "classes": ["fracture"],
+            "contract": Contract(clahe_clip=2.0, max_side=1024).to_dict(), "model_config": config}
+    path.with_suffix(".json").write_text(json.dumps(card))
+    return path
+
+
+def make_yolo_like_onnx(path: Path) -> Path:
+    """A minimal ONNX graph shaped like an Ultralytics export: (1, 3, h, w) -> (1, 5, 2) = cx cy w h score, 2 boxes."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    boxes = np.array([[[20.0, 40.0], [30.0, 20.0], [10.0, 16.0], [8.0, 6.0], [0.9, 0.1]]], np.float32)  # columns = boxes
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMax", ["images"], ["peak"], keepdims=0),  # uses the input, output does not depend on it
+         helper.make_node("Mul", ["peak", "zero"], ["nothing"]),
+         helper.make_node("Add", ["table", "nothing"], ["output0"])],
+        "yolo_like",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3, "height", "width"])],
+        [helper.make_tensor_value_info("output0", TensorProto.FLOAT, [1, 5, 2])],
+        [numpy_helper.from_array(boxes, "table"), numpy_helper.from_array(np.zeros((), np.float32), "zero")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in {"stride": "32", "names": "{0: 'fracture'}", "imgsz": "[64, 64]"}.items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+    return path
+
+
+def _cut_between_scores(scores: list[float], gap: float = 1e-4) -> float:
+    """A level near the median score that lies clearly between two scores (not on one, where float noise decides)."""
+    ranked = sorted(scores)
+    for k in sorted(range(1, len(ranked)), key=lambda i: abs(i - len(ranked) // 2)):
+        if ranked[k] - ranked[k - 1] > gap:
+            return (ranked[k] + ranked[k - 1]) / 2
+    raise AssertionError("no two scores apart: the test model is degenerate")
+
+
+@pytest.fixture(scope="module")
+def tv_models(tmp_path_factory):
+    from scripts.export_onnx import export_onnx
+    from scripts.export_onnx import main as export_main
+
+    folder = tmp_path_factory.mktemp("tv_onnx")
+    images = []
+    for i, (h, w) in enumerate(PHANTOM_SIZES):
+        path = folder / f"phantom_{w}x{h}.png"
+        cv2.imwrite(str(path), make_phantom(h, w, seed=40 + i, bits=16).pixels)
+        images.append(path)
+    (folder / "frcnn").mkdir()
+    frcnn = make_tv_checkpoint(folder / "frcnn" / "best.pth", "fasterrcnn")
+    fcos = make_tv_checkpoint(folder / "fcos.pth", "fcos", seed=1)
+    # Faster R-CNN through the CLI, its own box check included (exit 0 = every box matched); --threads sets torch's
+    # threads and OMP/ORT variables in this process: restored afterwards
+    frcnn_onnx = folder / "exported" / "frcnn.onnx"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BONE_R_ORT_THREADS"):
+            mp.delenv(key, raising=False)
+        rc = export_main(["--weights", str(frcnn), "--out", str(frcnn_onnx), "--check", *map(str, images),
+                          "--conf", "0.001", "--threads", "1"])
+        fcos_onnx = export_onnx(fcos, folder / "exported" / "fcos.onnx")
+    torch.set_num_threads(threads)
+    assert rc == 0
+    return {"fasterrcnn": (frcnn, frcnn_onnx), "fcos": (fcos, fcos_onnx), "images": images, "folder": folder}
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "fcos"])
+def test_onnx_boxes_match_pytorch_through_the_predictor(tv_models, arch):
+    from scripts.export_onnx import match_detections
+
+    pth, onnx_path = tv_models[arch]
+    pt, ox = Predictor(pth), Predictor(onnx_path)
+    assert pt.detector.name.startswith(arch) and ox.detector.format == "torchvision"
+    assert pt.contract == ox.contract == Contract(clahe_clip=2.0, max_side=1024)
+    compared = 0
+    for path, (h, w) in zip(tv_models["images"], PHANTOM_SIZES):
+        a = pt.predict(path, conf=0.001, hints=False)
+        b = ox.predict(path, conf=0.001, hints=False)
+        assert (b.width, b.height) == (w, h)
+        for conf in (0.001, _cut_between_scores([d.score for d in a.detections])):  # every box, and about the upper half
+            result = match_detections(a.detections, b.detections, conf, iou_min=0.99, score_tol=1e-3)
+            assert result["ok"], (path.name, conf, result)
+            assert result["max_coord_diff"] < 0.05, (path.name, result)  # in original pixels: the same boxes
+            compared += result["matched"]
+        assert all(0 <= d.xyxy[0] <= d.xyxy[2] <= w and 0 <= d.xyxy[1] <= d.xyxy[3] <= h for d in b.detections)
+    assert compared >= 40  # a real comparison, not an empty one
+
+
+@pytest.mark.parametrize("shape", [(373, 454), (454, 373), (100, 80), (300, 211), (7, 5)])
+def test_preprocessing_gives_torchvisions_bits(tv_models, shape):
+    """The ONNX backend's input equals, bit for bit, the tensor the PyTorch backend's model sees after torchvision's
+    normalize + resize (a channels-last tensor, as TorchvisionDetector builds it); gray and colour images."""
+    from torchvision.models.detection.transform import _resize_image_and_masks
+
+    from models import build_detector
+
+    _, tv_onnx = tv_models["fasterrcnn"]
+    detector = build_detector("onnx", tv_onnx, imgsz=IMGSZ)
+    transform = Predictor(tv_models["fasterrcnn"][0]).detector.model.transform
+    rng = np.random.default_rng(shape[0])
+    gray = rng.integers(0, 256, shape, dtype=np.uint8)
+    for rgb in (np.repeat(gray[..., None], 3, axis=2), rng.integers(0, 256, (*shape, 3), dtype=np.uint8)):
+        blob, (ih, iw), (oh, ow) = detector.preprocess_torchvision(rgb)
+        tensor = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)  # TorchvisionDetector
+        if max(shape) > IMGSZ:  # the area step comes first in both: compare from its output
+            small = cv2.resize(rgb, (iw, ih), interpolation=cv2.INTER_AREA)
+            tensor = torch.from_numpy(small).permute(2, 0, 1).float().div_(255.0)
+        expected, _ = _resize_image_and_masks(transform.normalize(tensor), IMGSZ, IMGSZ)
+        assert blob.shape == (1, 3, oh, ow) == (1, *expected.shape) and blob.dtype == np.float32
+        assert np.array_equal(blob[0], expected.numpy()), np.abs(blob[0] - expected.numpy()).max()
+
+
+def test_export_writes_card_and_metadata(tv_models):
+    import onnx
+
+    pth, onnx_path = tv_models["fasterrcnn"]
+    card = json.loads(onnx_path.with_suffix(".json").read_text())
+    assert card["backend"] == "onnx" and card["imgsz"] == IMGSZ
+    assert card["contract"] == Contract(clahe_clip=2.0, max_side=1024).to_dict()
+    export = card["export"]
+    assert export["source_backend"] == "fasterrcnn" and export["format"] == "onnx" and export["imgsz"] == IMGSZ
+    assert export["from_sha256"] == sha256_file(pth) and export["opset"] >= 16 and export["dynamic"] is True
+    meta = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    assert meta["bone_r_format"] == "torchvision" and meta["source_backend"] == "fasterrcnn"
+    assert meta["imgsz"] == str(IMGSZ) and json.loads(meta["classes"]) == ["fracture"]
+    assert not (pth.parent / "best.onnx").exists()  # nothing written beside the input
+
+
+def test_infer_backend_and_build_detector_pick_the_right_onnx_path(tv_models, tmp_path):
+    from models import build_detector, infer_backend
+    from models.onnx import OnnxDetector
+
+    _, tv_onnx = tv_models["fasterrcnn"]
+    yolo_onnx = make_yolo_like_onnx(tmp_path / "yolo_like.onnx")
+    assert infer_backend(tv_onnx, json.loads(tv_onnx.with_suffix(".json").read_text())) == "onnx"  # the card's word
+    assert infer_backend(yolo_onnx) == "onnx"  # no card: the suffix
+    tv = build_detector("onnx", tv_onnx)
+    assert isinstance(tv, OnnxDetector) and tv.format == "torchvision" and tv.arch == "fasterrcnn" and tv.imgsz == IMGSZ
+    yolo = build_detector("onnx", yolo_onnx)
+    assert isinstance(yolo, OnnxDetector) and yolo.format == "yolo" and yolo.imgsz == (64, 64)
+    # the YOLO path decodes its (1, 5, N) table: one box above 0.5, cx cy w h -> xyxy on a square image
+    square = harmonize(make_phantom(64, 64, seed=3, bits=8).pixels, Contract())
+    dets = yolo.predict(square, 0.5)
+    assert [tuple(round(v, 3) for v in d.xyxy) for d in dets] == [(15.0, 26.0, 25.0, 34.0)]
+    assert dets[0].score == pytest.approx(0.9)
+    # a torchvision export without its card still runs as one (its metadata says so), at its own imgsz
+    bare = tmp_path / "bare.onnx"
+    bare.write_bytes(tv_onnx.read_bytes())
+    predictor = Predictor(bare)
+    assert predictor.detector.format == "torchvision" and predictor.contract == Contract()
+
+
+def test_unknown_export_format_is_a_clear_error(tmp_path):
+    import onnx
+
+    from models import build_detector
+
+    path = make_yolo_like_onnx(tmp_path / "other.onnx")
+    model = onnx.load(str(path))
+    model.metadata_props.add(key="bone_r_format", value="detr")
+    onnx.save(model, str(path))
+    with pytest.raises(ValueError, match="'detr' export"):
+        build_detector("onnx", path)
+
+
+def test_export_refuses_bad_requests_with_one_line(tv_models, capsys):
+    from scripts.export_onnx import main as export_main
+
+    pth, _ = tv_models["fasterrcnn"]
+    out_dir = tv_models["folder"] / "refused"
+    cases = [
+        (["--out", str(pth.with_suffix(".onnx"))], "share its model card"),
+        (["--out", str(out_dir / "a.onnx"), "--static"], "drop --static"),
+        (["--out", str(out_dir / "b.onnx"), "--imgsz", "256"], "trained at imgsz 128"),
+        (["--out", str(out_dir / "c.onnx"), "--opset", "13"], "opset >= 16"),
+        (["--out", str(out_dir / "d.onnx"), "--bench", "3"], "--bench times the --check images"),
+    ]
+    for extra, message in cases:
+        assert export_main(["--weights", str(pth), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error:") and message in err and "\n" not in err, err
+    assert not out_dir.exists()
+
+
+def test_runtime_choice(tv_models, tmp_path, monkeypatch):
+    from models import build_detector
+
+    _, tv_onnx = tv_models["fasterrcnn"]
+    with pytest.raises(ValueError, match="unknown ONNX runtime"):
+        build_detector("onnx", tv_onnx, runtime="tensorrt")
+    monkeypatch.setenv("BONE_R_ONNX_RUNTIME", "openvino")  # YOLO exports stay in ONNX Runtime whatever is asked
+    assert build_detector("onnx", make_yolo_like_onnx(tmp_path / "y.onnx")).runtime == "onnxruntime"
+
+
+def test_openvino_runtime_gives_the_same_boxes(tv_models, monkeypatch):
+    """Optional: OpenVINO (``pip install openvino``) runs torchvision exports about 17% faster; boxes must not move."""
+    pytest.importorskip("openvino")
+    from scripts.export_onnx import match_detections
+
+    _, tv_onnx = tv_models["fasterrcnn"]
+    ort_predictor = Predictor(tv_onnx)
+    monkeypatch.setenv("BONE_R_ONNX_RUNTIME", "openvino")
+    ov_predictor = Predictor(tv_onnx)
+    assert ov_predictor.detector.runtime == "openvino"
+    for path in tv_models["images"]:
+        a = ort_predictor.predict(path, conf=0.001, hints=False).detections
+        b = ov_predictor.predict(path, conf=0.001, hints=False).detections
+        result = match_detections(a, b, 0.001, iou_min=0.99, score_tol=1e-3)
+        assert result["ok"] and result["matched"] > 10, (path.name, result)
