@@ -48,6 +48,9 @@ if str(ROOT) not in sys.path:
 from inference import DISCLAIMER, Contract, card_path_for, display_path, load_model_card, sha256_file  # noqa: E402
 
 TORCHVISION_OPSET = 17
+FP16_MIN_ELEMENTS = 1024  # --store-fp16 leaves smaller tensors (biases, norms, anchors) in float32: they weigh nothing
+FP16_MAX = 65504.0  # the largest finite float16
+STORAGE_KEY = "weights_storage"  # ONNX metadata and card export key: "float32" or "float16"
 
 
 class ExportError(Exception):
@@ -59,8 +62,12 @@ def default_out(weights: Path) -> Path:
 
 
 def export_onnx(weights: str | Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
-                dynamic: bool = True, simplify: bool = True, contract: Contract | None = None) -> Path:
-    """Export `weights` (YOLO .pt or torchvision .pth) to ONNX at `out` and write its card; returns the ONNX path."""
+                dynamic: bool = True, simplify: bool = True, contract: Contract | None = None,
+                store_fp16: bool = False) -> Path:
+    """Export `weights` (YOLO .pt or torchvision .pth) to ONNX at `out` and write its card; returns the ONNX path.
+
+    `store_fp16`: large weights stored as float16 and cast back to float32 in the graph (see `store_weights_fp16`).
+    """
     weights = Path(weights)
     if not weights.is_file():
         raise ExportError(f"weights not found: {weights}")
@@ -68,10 +75,11 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, imgsz: in
         if not dynamic:
             raise ExportError("torchvision exports take any height and width (a fixed size would only add padding); "
                               "drop --static")
-        return export_torchvision(weights, out, imgsz=imgsz, opset=opset, contract=contract)
+        return export_torchvision(weights, out, imgsz=imgsz, opset=opset, contract=contract, store_fp16=store_fp16)
     if weights.suffix != ".pt":
         raise ExportError(f"expected an Ultralytics .pt or a train_torchvision.py .pth checkpoint, got {weights.name}")
-    return _export_yolo(weights, out, imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=simplify, contract=contract)
+    return _export_yolo(weights, out, imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=simplify, contract=contract,
+                        store_fp16=store_fp16)
 
 
 def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | None) -> tuple[dict, Path]:
@@ -91,11 +99,64 @@ def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | No
     return card, out
 
 
+def store_weights_fp16(proto, min_elements: int = FP16_MIN_ELEMENTS) -> dict:
+    """Halve an ONNX model's file without changing what it computes in: in place, every float32 initializer of at
+    least `min_elements` values is stored as float16 (renamed ``<name>_fp16``) and a ``Cast(to=FLOAT)`` node at the
+    top of the graph gives back the original name, so every consumer still sees a float32 tensor.
+
+    The arithmetic stays float32; only the weights are rounded (relative error <= 2^-11). ONNX Runtime's constant
+    folding replaces the casts by float32 initializers when it creates the session, so the optimized graph (and the
+    speed) is the float32 export's. Left in float32: small tensors, tensors with a value beyond float16's range or
+    not finite, and initializers that are also graph inputs (a caller may feed those). Returns counts and the
+    largest absolute rounding error.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = proto.graph
+    graph_inputs = {value.name for value in graph.input}
+    names = {t.name for t in graph.initializer} | graph_inputs | {o for node in graph.node for o in node.output}
+    casts, stats = [], {"tensors": 0, "values": 0, "kept_float32": 0, "max_abs_error": 0.0}
+    for init in graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        values = numpy_helper.to_array(init)
+        if values.size < min_elements or init.name in graph_inputs:
+            stats["kept_float32"] += 1
+            continue
+        if not np.isfinite(values).all() or np.abs(values).max() > FP16_MAX:
+            stats["kept_float32"] += 1
+            continue
+        half = values.astype(np.float16)
+        stored = f"{init.name}_fp16"
+        while stored in names:
+            stored += "_"
+        names.add(stored)
+        casts.append(helper.make_node("Cast", [stored], [init.name], to=TensorProto.FLOAT, name=f"{stored}_to_float32"))
+        stats["max_abs_error"] = max(stats["max_abs_error"], float(np.abs(half.astype(np.float32) - values).max()))
+        stats["tensors"] += 1
+        stats["values"] += int(values.size)
+        init.CopyFrom(numpy_helper.from_array(half, stored))
+    nodes = casts + list(graph.node)  # the casts first: the node list stays in topological order
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return stats
+
+
+def _set_metadata(proto, key: str, value: str) -> None:
+    for prop in proto.metadata_props:
+        if prop.key == key:
+            prop.value = value
+            return
+    proto.metadata_props.add(key=key, value=value)
+
+
 def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
-                       contract: Contract | None = None) -> Path:
+                       contract: Contract | None = None, store_fp16: bool = False) -> Path:
     """Export a train_torchvision.py checkpoint: the detector after the resize, dynamic height and width.
 
-    The graph is checked against PyTorch on the trace input before the card is written.
+    The graph is checked against PyTorch on the trace input before the card is written (`store_fp16`: after the
+    weights are stored as float16, and by ``onnx.checker``).
     """
     import warnings
 
@@ -147,11 +208,13 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
             "image_std": json.dumps([float(v) for v in model.transform.image_std]),
             "input": "image: float32 (1, 3, h, w) RGB at the model's resolution, normalized (x / 255 - mean) / std "
                      "before the resize, as torchvision does (see models/onnx.py)",
-            "outputs": "boxes (n, 4) xyxy in the input's pixels, scores (n,), labels (n,) int64 with 1 = the first class"}
+            "outputs": "boxes (n, 4) xyxy in the input's pixels, scores (n,), labels (n,) int64 with 1 = the first class",
+            STORAGE_KEY: "float32"}
     del proto.metadata_props[:]
     for key, value in meta.items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "bone-r scripts/export_onnx.py"
+    fp16 = _store_fp16_or_fail(proto, out) if store_fp16 else None
     onnx.save(proto, str(out))
     got = make_session(out, threads=1).run(["boxes", "scores", "labels"], {"image": example.numpy()})
     if not _same_boxes(reference, got, trained):
@@ -173,6 +236,7 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
             "dynamic": True,
             "simplify": False,
             "graph_rewrites": ["NMS stops at the kept-box limit", "RoIAlign levels merged by a gather"],
+            **_storage_card(fp16),
             "torch": torch.__version__,
             "torchvision": torchvision.__version__,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -181,6 +245,31 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
     card.setdefault("disclaimer", DISCLAIMER)
     card_path_for(out).write_text(json.dumps(card, indent=2) + "\n")
     return out
+
+
+def _store_fp16_or_fail(proto, out: Path) -> dict:
+    """`store_weights_fp16` on `proto` with its metadata key, then ``onnx.checker``; on a failure `out` is removed."""
+    import onnx
+
+    stats = store_weights_fp16(proto)
+    _set_metadata(proto, STORAGE_KEY, "float16")
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as err:
+        out.unlink(missing_ok=True)
+        raise ExportError(f"the graph with float16-stored weights is not valid ONNX: {str(err).strip().splitlines()[0][:200]}") from None
+    return stats
+
+
+def _storage_card(fp16: dict | None) -> dict:
+    """The card's record of how the weights are stored."""
+    if fp16 is None:
+        return {STORAGE_KEY: "float32"}
+    return {STORAGE_KEY: "float16",
+            "weights_storage_note": f"float32 tensors of >= {FP16_MIN_ELEMENTS} values stored as float16 and cast to "
+                                    "float32 in the graph (folded away by ONNX Runtime at load); arithmetic in float32",
+            "float16_tensors": fp16["tensors"], "float16_values": fp16["values"], "float32_tensors": fp16["kept_float32"],
+            "float16_max_abs_error": float(f"{fp16['max_abs_error']:.3g}")}
 
 
 def _same_boxes(reference: list, got: list, size: int) -> bool:
@@ -202,7 +291,8 @@ def _same_boxes(reference: list, got: list, size: int) -> bool:
 
 
 def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
-                 dynamic: bool = True, simplify: bool = True, contract: Contract | None = None) -> Path:
+                 dynamic: bool = True, simplify: bool = True, contract: Contract | None = None,
+                 store_fp16: bool = False) -> Path:
     """Export an Ultralytics .pt. The export runs on a copy in a temporary folder, so nothing is written beside the input."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     card, out = _card_and_out(weights, out, contract)
@@ -221,8 +311,12 @@ def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | N
         shutil.move(str(produced), out)
     import onnx
 
-    model = onnx.load(str(out), load_external_data=False)
+    model = onnx.load(str(out), load_external_data=store_fp16)  # the weights themselves only when they are rewritten
     used_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    fp16 = None
+    if store_fp16:
+        fp16 = _store_fp16_or_fail(model, out)
+        onnx.save(model, str(out))
     import ultralytics
 
     card.update(
@@ -237,6 +331,7 @@ def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | N
             "opset": used_opset,
             "dynamic": dynamic,
             "simplify": simplify,
+            **_storage_card(fp16),
             "ultralytics": ultralytics.__version__,
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
@@ -418,6 +513,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--static", action="store_true", help="YOLO: fixed imgsz x imgsz input instead of a dynamic H x W")
     p.add_argument("--no-simplify", action="store_true", help="YOLO: skip onnxslim (torchvision exports are not slimmed: "
                    "ONNX Runtime's own graph optimizations do the same)")
+    p.add_argument("--store-fp16", action="store_true",
+                   help=f"store weight tensors of >= {FP16_MIN_ELEMENTS} values as float16 (half the file), cast back to "
+                        "float32 in the graph: computes in float32, as fast (ONNX Runtime folds the casts at load)")
     p.add_argument("--contract", type=Path, default=None, help="contract JSON, when the weights have no model card")
     p.add_argument("--check", type=Path, nargs="*", default=[], metavar="IMAGE",
                    help="compare ONNX and PyTorch boxes on these images (exit 1 on a mismatch)")
@@ -448,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         contract = Contract.load(args.contract) if args.contract else None
         out = export_onnx(args.weights, args.out, imgsz=args.imgsz, opset=args.opset, dynamic=not args.static,
-                          simplify=not args.no_simplify, contract=contract)
+                          simplify=not args.no_simplify, contract=contract, store_fp16=args.store_fp16)
     except (ExportError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -266,3 +266,71 @@ def test_openvino_runtime_gives_the_same_boxes(tv_models, monkeypatch):
         b = ov_predictor.predict(path, conf=0.001, hints=False).detections
         result = match_detections(a, b, 0.001, iou_min=0.99, score_tol=1e-3)
         assert result["ok"] and result["matched"] > 10, (path.name, result)
+
+
+def test_store_fp16_halves_the_file_and_keeps_the_boxes(tv_models):
+    """--store-fp16: big tensors stored as float16 and cast back in the graph; the file shrinks to about half, the
+    graph still computes in float32 and gives the float32 export's boxes (weights rounded by <= 2^-11 relative)."""
+    import onnx
+
+    from scripts.export_onnx import export_onnx
+
+    pth, fp32_path = tv_models["fasterrcnn"]
+    fp16_path = export_onnx(pth, tv_models["folder"] / "fp16" / "frcnn.onnx", store_fp16=True)
+    ratio = fp16_path.stat().st_size / fp32_path.stat().st_size
+    assert 0.45 < ratio < 0.6, ratio
+    proto = onnx.load(str(fp16_path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    assert meta["weights_storage"] == "float16" and meta["bone_r_format"] == "torchvision"
+    halves = [t for t in proto.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
+    assert halves and all(t.name.endswith("_fp16") for t in halves)
+    assert sum(n.op_type == "Cast" and n.input[0].endswith("_fp16") for n in proto.graph.node) == len(halves)
+    export = json.loads(fp16_path.with_suffix(".json").read_text())["export"]
+    assert export["weights_storage"] == "float16" and export["float16_tensors"] == len(halves)
+    assert 0 < export["float16_max_abs_error"] < 1e-2
+    from evaluate import box_iou
+
+    a, b = Predictor(fp32_path), Predictor(fp16_path)
+    for path in tv_models["images"]:
+        # the top 20 boxes: lower down, an untrained model's near-tied scores and the 100-box cap let rounding
+        # swap which boxes survive NMS, which says nothing about the export
+        top = sorted(a.predict(path, conf=0.001, hints=False).detections, key=lambda d: -d.score)[:20]
+        other = b.predict(path, conf=0.001, hints=False).detections
+        ious = box_iou(np.array([d.xyxy for d in top]), np.array([d.xyxy for d in other]))
+        for i, det in enumerate(top):
+            partners = [j for j in np.flatnonzero(ious[i] > 0.95) if abs(other[j].score - det.score) < 2e-2]
+            assert partners, (path.name, i, det.score)
+
+
+def test_store_weights_fp16_leaves_small_out_of_range_and_input_tensors(tmp_path):
+    """Only float32 initializers that are big, finite, within float16's range and not graph inputs are rewritten."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from scripts.export_onnx import store_weights_fp16
+
+    rng = np.random.default_rng(0)
+    big = rng.normal(size=(64, 64)).astype(np.float32)
+    huge = big * 1e6  # beyond float16's range: would become inf
+    small = rng.normal(size=(64,)).astype(np.float32)
+    inits = [numpy_helper.from_array(big, "big"), numpy_helper.from_array(huge, "huge"),
+             numpy_helper.from_array(small, "small")]
+    nodes = [helper.make_node("MatMul", ["x", "big"], ["y1"]), helper.make_node("MatMul", ["y1", "huge"], ["y2"]),
+             helper.make_node("Add", ["y2", "small"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])], inits)
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    reference_path, half_path = tmp_path / "ref.onnx", tmp_path / "half.onnx"
+    onnx.save(proto, str(reference_path))
+    stats = store_weights_fp16(proto, min_elements=1024)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(half_path))
+    assert stats["tensors"] == 1 and stats["values"] == 64 * 64 and stats["kept_float32"] == 2
+    kinds = {t.name: t.data_type for t in proto.graph.initializer}
+    assert kinds == {"big_fp16": TensorProto.FLOAT16, "huge": TensorProto.FLOAT, "small": TensorProto.FLOAT}
+    x = rng.normal(size=(1, 64)).astype(np.float32)
+    ref = ort.InferenceSession(str(reference_path)).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(half_path)).run(None, {"x": x})[0]
+    assert got.dtype == np.float32
+    assert np.allclose(got, ref, rtol=2e-3, atol=np.abs(ref).max() * 2e-3)
