@@ -188,6 +188,7 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
               seed: int = 0, device: str = "cpu", progress: bool = True, predictors: dict[str, Any] | None = None) -> dict[str, Any]:
     """Every model on the same split -> the docs/data/benchmark.json payload."""
     import evaluate
+    import inference
 
     rows, first = [], None
     for spec in specs:
@@ -200,7 +201,7 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
         "schema": SCHEMA_NAME,
         "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "data": str(data),
+        "data": inference.display_path(data),
         "split": split,
         "val_split": val_split,
         "n_images": first["n_images"],
@@ -256,23 +257,6 @@ def write_phantoms(folder: Path, n: int, width: int, height: int, seed: int = 0)
     return paths
 
 
-def set_threads(threads: int) -> None:
-    """Cap the CPU threads of torch, OpenMP and the ONNX backend's sessions (set before models load)."""
-    os.environ["OMP_NUM_THREADS"] = str(threads)
-    os.environ["MKL_NUM_THREADS"] = str(threads)
-    os.environ["BONE_R_ORT_THREADS"] = str(threads)  # models/onnx.py: intra-op threads of new sessions
-    try:
-        import torch
-    except ImportError:
-        return
-    torch.set_num_threads(threads)
-    # inter-op pools can only be sized before first use
-    import contextlib
-
-    with contextlib.suppress(RuntimeError):
-        torch.set_num_interop_threads(max(1, min(threads, 2)))
-
-
 def time_pipeline(predictor: Any, images: list[Path], warmup: int = 2, repeats: int = 1) -> dict[str, Any]:
     """Median/p90 ms per image of each stage of `inference.Predictor` (the serving path)."""
     import inference
@@ -322,7 +306,7 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
     import inference
 
     if threads:
-        set_threads(threads)
+        inference.set_threads(threads)
     rows = []
     baseline = None
     for spec in tqdm(specs, desc="speed", unit="model"):
@@ -462,7 +446,7 @@ def _main_speed(args: argparse.Namespace, specs: list[ModelSpec]) -> int:
     import inference
 
     if args.threads:
-        set_threads(args.threads)  # before any model loads
+        inference.set_threads(args.threads)  # before any model loads
     with tempfile.TemporaryDirectory(prefix="bone-r-speed-") as tmp:
         if args.images:
             if not args.images.is_dir():

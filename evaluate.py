@@ -1014,7 +1014,7 @@ def evaluate_predictions(gt: GroundTruth, preds: Sequence[ImagePrediction | None
     if box.get("note"):
         notes.append(f"box metrics: {box['note']}")
     report: dict[str, Any] = {
-        "split": gt.split, "data": gt.data, "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "split": gt.split, "data": inference.display_path(gt.data), "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "n_images": len(gt), "n_positive": gt.n_positive, "n_groups": len(set(groups)), "splits_sha256": gt.splits_sha256,
         "box": box, "image_auc": {"roc_auc": None if (a := roc_auc(labels, scores)) is None else round(a, 6)},
         "operating_points": ops,
@@ -1414,6 +1414,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--choose-on-val", action="store_true", help="with --weights: choose thresholds on val even if the card has them")
     p.add_argument("--backend", default=None, help="detector backend for --weights (default: the card's, else from the file type)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and ONNX Runtime (default: all cores; 1 next to a training run)")
     p.add_argument("--harmonize", choices=["auto", "yes", "no"], default="auto",
                    help="with --weights: auto = feed images as stored when the tree has contract.json (already harmonized)")
     p.add_argument("--target-sensitivity", type=float, default=DEFAULT_TARGET_SENSITIVITY, help="screening mode target on val")
@@ -1455,6 +1457,8 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.threads:
+        inference.set_threads(args.threads)  # before the model loads
     name = (args.weights or args.predictions).stem
     out = args.out or Path("runs") / "evaluate" / f"{name}_{args.split}.json"
     try:

@@ -655,6 +655,26 @@ def display_path(path: Path | str) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def set_threads(threads: int) -> None:
+    """Cap torch, OpenMP/MKL and the ONNX backend's new sessions (`BONE_R_ORT_THREADS`) at `threads` CPU threads.
+
+    Call before models load. On a small shared CPU, more threads than idle cores make every OpenMP op wait for
+    the busiest core (10-30x slower next to a training run), so long jobs take a --threads option.
+    """
+    import contextlib
+    import os
+
+    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BONE_R_ORT_THREADS"):
+        os.environ[key] = str(threads)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(threads)
+    with contextlib.suppress(RuntimeError):  # inter-op pools can only be sized before first use
+        torch.set_num_interop_threads(max(1, min(threads, 2)))
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

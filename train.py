@@ -392,16 +392,12 @@ def absolute(path: Path | str | None) -> Path | None:
     return None if path is None else Path(os.path.abspath(path))
 
 
-def evaluate_after_training(weights: Path, data: Path) -> int:
-    """Run ``evaluate.py --weights W --data D --write-card`` if evaluate.py offers it; else print the command."""
-    command = [sys.executable, str(ROOT / "evaluate.py"), "--weights", str(weights), "--data", str(data), "--write-card"]
-    shown = shlex.join(["python", "evaluate.py", "--weights", display_path(weights), "--data", display_path(data), "--write-card"])
-    script = ROOT / "evaluate.py"
-    if not script.is_file() or "--write-card" not in script.read_text():
-        print(f"evaluate.py with --write-card is not available yet; to fill the card's thresholds and metrics run:\n  {shown}")
-        return 0
+def evaluate_after_training(weights: Path, data: Path, threads: int) -> int:
+    """Run ``evaluate.py --weights W --data D --write-card`` with the training's CPU threads."""
+    args = ["--weights", weights, "--data", data, "--write-card", "--threads", str(threads)]
+    shown = shlex.join(["python", "evaluate.py", *(display_path(a) if isinstance(a, Path) else a for a in args)])
     print(f"evaluating: {shown}")
-    done = subprocess.run(command, cwd=ROOT)
+    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT)
     if done.returncode:
         print(f"warning: evaluate.py exited with {done.returncode}; the card has no metrics yet. Re-run:\n  {shown}", file=sys.stderr)
     return done.returncode
@@ -798,7 +794,7 @@ def _train_and_finish(model: Any, train_args: dict[str, Any], run_dir: Path, run
         onnx_path = export_onnx(best, imgsz=imgsz, opset=args.opset, dynamic=not args.static)
         print(f"exported {display_path(onnx_path)} (card {display_path(card_path_for(onnx_path))})")
     if args.evaluate:
-        rc = evaluate_after_training(best, Path(saved["data"]))
+        rc = evaluate_after_training(best, Path(saved["data"]), default_torch_threads())
     else:
         print("next: python evaluate.py --weights " + display_path(best) + " --data " + display_path(saved["data"]) + " --write-card")
     print(DISCLAIMER)

@@ -440,7 +440,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     card_path = write_card(best, card)
     print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
           f"(val mAP50 {best_row.get('val_mAP50')}); weights {display_path(best)}, card {display_path(card_path)}")
-    rc = evaluate_after_training(best, args.data) if args.evaluate else 0
+    rc = evaluate_after_training(best, args.data, torch.get_num_threads()) if args.evaluate else 0
     if not args.evaluate:
         print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
     print(DISCLAIMER)

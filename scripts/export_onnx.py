@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inference import DISCLAIMER, Contract, card_path_for, display_path, load_model_card, sha256_file  # noqa: E402
+from inference import DISCLAIMER, Contract, card_path_for, display_path, load_model_card, set_threads, sha256_file  # noqa: E402
 
 TORCHVISION_OPSET = 17
 FP16_MIN_ELEMENTS = 1024  # --store-fp16 leaves smaller tensors (biases, norms, anchors) in float32: they weigh nothing
@@ -390,15 +390,6 @@ def check_against_pytorch(pt_weights: Path, onnx_path: Path, images: list[Path],
         b = ox.predict(image, conf=conf, hints=False).detections
         rows.append({"image": str(image), **match_detections(a, b, conf, iou_min=iou_min, score_tol=score_tol)})
     return rows
-
-
-def set_threads(threads: int) -> None:
-    """Cap torch, OpenMP and ONNX Runtime (`BONE_R_ORT_THREADS`) at `threads` CPU threads in this process."""
-    for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "BONE_R_ORT_THREADS"):
-        os.environ[key] = str(threads)
-    import torch
-
-    torch.set_num_threads(threads)
 
 
 def _bench_worker(conn, kind: str, weights: str, threads: int, conf: float) -> None:

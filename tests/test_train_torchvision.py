@@ -167,3 +167,8 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     assert pred.width == 300 and pred.height == 400
     assert all(isinstance(d, Detection) and d.xyxy[2] <= 300 and d.xyxy[3] <= 400 for d in pred.detections)
     assert np.isfinite([d.score for d in pred.detections]).all()
+    # --evaluate: evaluate.py runs with the training's thread count and fills the card's thresholds and test metrics
+    assert main(["--resume", "--epochs", "3", "--evaluate", "--threads", "1", *common]) == 0
+    card = json.loads(best.with_suffix(".json").read_text())
+    assert set(card["thresholds"]) == {"screening", "balanced", "specific"}
+    assert card["metrics"]["split"] == "test" and 0 <= card["metrics"]["box"]["map50"] <= 1
