@@ -28,7 +28,32 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=ROOT / "MODEL_CARD.md")
     p.add_argument("--extra", type=Path, default=None,
                    help="JSON with optional 'speed' (rows of stage timings) and 'candidates' (rows of compared models)")
+    p.add_argument("--candidates", type=Path, nargs="*", default=[], metavar="RUN_DIR",
+                   help="run folders (runs/<name>) compared when choosing the model: a table from their train_log.csv, "
+                        "args.json and run.json")
     return p
+
+
+def candidate_row(run_dir: Path) -> dict[str, Any]:
+    """One compared training run, read from what the trainers wrote into its folder."""
+    import csv
+    import statistics
+
+    with open(run_dir / "train_log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{run_dir}/train_log.csv has no epochs")
+    args = json.loads((run_dir / "args.json").read_text())["args"]
+    run = json.loads((run_dir / "run.json").read_text())
+    best = max(rows, key=lambda r: float(r.get("val_mAP50") or 0))
+    fraction = args.get("fraction") or 1.0
+    return {"run": run_dir.name, "backend": run.get("backend"), "imgsz": args.get("imgsz"),
+            "pretrained": "scratch" if str(run.get("started_from", "")).startswith("scratch") else "ImageNet backbone",
+            "train images": run.get("train_images") or (f"all x {fraction}" if fraction != 1 else "all"),
+            "val images": run.get("val_images") or ("all" if (args.get("val_fraction") or 1) == 1 else f"x {args['val_fraction']}"),
+            "epochs": len(rows), "best epoch": int(best["epoch"]),
+            "val mAP@0.5": round(float(best["val_mAP50"]), 4), "val mAP@0.5:0.95": round(float(best["val_mAP50_95"]), 4),
+            "train s/epoch": round(statistics.median(float(r["train_seconds"]) for r in rows))}
 
 
 def fmt(value: Any, digits: int = 3) -> str:
@@ -137,9 +162,15 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         card = json.loads(args.card.read_text())
-        extra = json.loads(args.extra.read_text()) if args.extra else None
+        extra = json.loads(args.extra.read_text()) if args.extra else {}
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: cannot read the card: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.candidates:
+            extra["candidates"] = [candidate_row(run_dir) for run_dir in args.candidates]
+    except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
+        print(f"error: cannot read a candidate run: {err}", file=sys.stderr)
         return 2
     if not isinstance(card, dict) or "architecture" not in card:
         print(f"error: {args.card} is not a Bone-R model card (no 'architecture')", file=sys.stderr)

@@ -41,3 +41,23 @@ def test_rejects_what_is_not_a_card(tmp_path, capsys):
     assert write_model_card.main(["--card", str(bad), "--out", str(tmp_path / "o.md")]) == 2
     assert write_model_card.main(["--card", str(tmp_path / "missing.json"), "--out", str(tmp_path / "o.md")]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_candidates_table_from_run_folders(tmp_path, capsys):
+    card = tmp_path / "demo.json"
+    card.write_text(json.dumps(_card()))
+    run = tmp_path / "runs" / "frcnn-a"
+    run.mkdir(parents=True)
+    (run / "train_log.csv").write_text("epoch,val_mAP50,val_mAP50_95,train_seconds\n1,0.02,0.005,100\n2,0.05,0.015,120\n"
+                                       "3,0.04,0.012,200\n")
+    (run / "args.json").write_text(json.dumps({"args": {"imgsz": 512, "fraction": 0.25, "val_fraction": 1.0}}))
+    (run / "run.json").write_text(json.dumps({"backend": "fasterrcnn", "started_from": "ImageNet EfficientNet-Lite0",
+                                              "train_images": 970, "val_images": 842}))
+    out = tmp_path / "MODEL_CARD.md"
+    assert write_model_card.main(["--card", str(card), "--out", str(out), "--candidates", str(run)]) == 0
+    text = out.read_text()
+    # best epoch by val mAP@0.5 (epoch 2, not the last), median train seconds per epoch
+    assert "| frcnn-a | fasterrcnn | 512 | ImageNet backbone | 970 | 842 | 3 | 2 | 0.050 | 0.015 | 120 |" in text
+    (run / "train_log.csv").write_text("epoch,val_mAP50\n")
+    assert write_model_card.main(["--card", str(card), "--out", str(out), "--candidates", str(run)]) == 2
+    assert "has no epochs" in capsys.readouterr().err
