@@ -1490,7 +1490,7 @@ def main(argv: list[str] | None = None) -> int:
                                 harmonize=args.harmonize)
         report["model"] = {"weights": str(args.weights), "backend": predictor.name} if args.weights else {"predictions": str(args.predictions)}
         if args.ultralytics_crosscheck:
-            imgsz = (predictor.card or {}).get("imgsz")
+            imgsz = getattr(predictor.detector, "imgsz", None)  # the size our predictions were made at
             report["ultralytics_crosscheck"] = ultralytics_crosscheck(args.weights, args.data, args.split, imgsz=imgsz, ours=report,
                                                                       device=args.device)
     except EvaluationError as err:

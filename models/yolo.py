@@ -17,7 +17,8 @@ from inference import Detection
 
 
 class YoloDetector:
-    def __init__(self, weights: str | Path, device: str = "cpu", imgsz: int = 640, iou: float = 0.7, max_det: int = 300):
+    def __init__(self, weights: str | Path, device: str = "cpu", imgsz: int | None = None, iou: float = 0.7, max_det: int = 300):
+        """`imgsz`: the card's; else the size the checkpoint was trained at (as Ultralytics' own val() uses), else 640."""
         os.environ.setdefault("YOLO_OFFLINE", "1")
         from ultralytics import YOLO
 
@@ -25,6 +26,8 @@ class YoloDetector:
         if not path.is_file():
             raise FileNotFoundError(f"YOLO weights not found: {path}")
         self.model = YOLO(str(path), task="detect")
+        trained = (getattr(self.model, "overrides", None) or {}).get("imgsz")
+        imgsz = imgsz or (trained if isinstance(trained, int) else None) or 640
         self.device, self.imgsz, self.iou, self.max_det = device, int(imgsz), iou, max_det
         self.name = f"yolo:{path.stem}"
         names = getattr(self.model, "names", None) or {0: "fracture"}

@@ -181,6 +181,7 @@ def test_yolo_smoke_train_resume_card_and_export(tmp_path, capsys):
     from inference import Detection
 
     detector = build_detector("yolo", best, imgsz=64)
+    assert build_detector("yolo", best).imgsz == 64  # no size given: the one it was trained at, as Ultralytics' val()
     rgb = np.full((100, 80, 3), 128, np.uint8)
     dets = detector.predict(rgb, 0.0)
     assert dets and all(isinstance(d, Detection) for d in dets)
