@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import inference
+
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "docs" / "data" / "benchmark.json"
 SCHEMA_NAME = "benchmark.schema.json"
@@ -94,7 +96,6 @@ def load_models_yaml(path: str | Path) -> list[ModelSpec]:
 
 
 def build_predictor(spec: ModelSpec, device: str = "cpu"):
-    import inference
 
     try:
         return inference.Predictor(spec.weights, spec.backend, device)
@@ -165,7 +166,7 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
     bal = report["image_level"].get("balanced") or {}
     row = {
         "name": spec.name,
-        "weights": str(spec.weights),
+        "weights": inference.display_path(spec.weights),
         "backend": predictor.name,
         "map50": report["box"]["map50"],
         "map50_95": report["box"]["map50_95"],
@@ -184,16 +185,52 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
     return row, report
 
 
-def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
-              seed: int = 0, device: str = "cpu", progress: bool = True, predictors: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Every model on the same split -> the docs/data/benchmark.json payload."""
-    import evaluate
-    import inference
+def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(benchmark row, the card's metrics) from the test metrics `evaluate.py --write-card` stored in the model's card,
+    without predicting again. Refused unless the card was scored on `split` of this very dataset (splits.csv hash)."""
 
+    card = inference.load_model_card(spec.weights) or {}
+    metrics = card.get("metrics")
+    evaluate_first = (f"run: python evaluate.py --weights {inference.display_path(spec.weights)} --data <dataset.yaml> "
+                      f"--write-card")
+    if not metrics:
+        raise BenchmarkError(f"model {spec.name}: its card has no test metrics; {evaluate_first}")
+    if metrics.get("split") != split or not splits_sha256 or metrics.get("splits_sha256") != splits_sha256:
+        raise BenchmarkError(f"model {spec.name}: its card was scored on split {metrics.get('split')!r} of a dataset with "
+                             f"splits.csv {str(metrics.get('splits_sha256'))[:12]}, not {split!r} of this one "
+                             f"({str(splits_sha256)[:12]}); {evaluate_first}")
+    predictor = build_predictor(spec, device)  # loads, predicts nothing: backend name and parameter count
+    bal = metrics["image_level"].get("balanced") or {}
+    row = {
+        "name": spec.name, "weights": inference.display_path(spec.weights), "backend": predictor.name,
+        "map50": metrics["box"]["map50"], "map50_95": metrics["box"]["map50_95"],
+        "roc_auc": (metrics.get("image_auc") or {}).get("roc_auc"),
+        "balanced": {"threshold": bal.get("threshold"), "sensitivity": bal.get("sensitivity"), "specificity": bal.get("specificity")},
+        "thresholds_source": "model_card",
+        "ms_per_image": {"median": None, "p90": None, "n": 0,
+                         "what": f"not timed: row from the model card (evaluate.py, {metrics.get('evaluated')})"},
+        "params": count_params(predictor.detector),
+        "size_mb": round(spec.weights.stat().st_size / 2**20, 3),
+        "n_errors": 0,
+    }
+    return row, metrics
+
+
+def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
+              seed: int = 0, device: str = "cpu", progress: bool = True, predictors: dict[str, Any] | None = None,
+              from_cards: bool = False) -> dict[str, Any]:
+    """Every model on the same split -> the docs/data/benchmark.json payload (`from_cards`: rows from the models'
+    cards, which evaluate.py scored on this split; nothing is predicted)."""
+    import evaluate
+
+    sha = evaluate.load_ground_truth(data, split).splits_sha256 if from_cards else None
     rows, first = [], None
     for spec in specs:
-        row, report = benchmark_model(spec, data, split, val_split, n_boot=n_boot, seed=seed, device=device, progress=progress,
-                                      predictor=(predictors or {}).get(spec.name))
+        if from_cards:
+            row, report = row_from_card(spec, sha, split, device)
+        else:
+            row, report = benchmark_model(spec, data, split, val_split, n_boot=n_boot, seed=seed, device=device,
+                                          progress=progress, predictor=(predictors or {}).get(spec.name))
         rows.append(row)
         first = first or report
     assert first is not None
@@ -208,7 +245,7 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
         "n_positive": first["n_positive"],
         "splits_sha256": first.get("splits_sha256"),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "device": device},
-        "bootstrap": {"n_boot": n_boot, "seed": seed, "resampled": "groups"},
+        "bootstrap": first.get("bootstrap") if from_cards else {"n_boot": n_boot, "seed": seed, "resampled": "groups"},
         "models": rows,
         "notes": first.get("notes", []),
         "disclaimer": "Research and teaching tool, not a diagnosis.",
@@ -259,7 +296,6 @@ def write_phantoms(folder: Path, n: int, width: int, height: int, seed: int = 0)
 
 def time_pipeline(predictor: Any, images: list[Path], warmup: int = 2, repeats: int = 1) -> dict[str, Any]:
     """Median/p90 ms per image of each stage of `inference.Predictor` (the serving path)."""
-    import inference
 
     for i in range(warmup):
         predictor.predict(images[i % len(images)])
@@ -303,7 +339,6 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
     """Time every model on the same images in one run; ratios against plain Ultralytics PyTorch."""
     from tqdm import tqdm
 
-    import inference
 
     if threads:
         inference.set_threads(threads)
@@ -311,7 +346,7 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
     baseline = None
     for spec in tqdm(specs, desc="speed", unit="model"):
         predictor = (predictors or {}).get(spec.name) or build_predictor(spec, device)
-        row: dict[str, Any] = {"name": spec.name, "weights": str(spec.weights), "backend": predictor.name}
+        row: dict[str, Any] = {"name": spec.name, "weights": inference.display_path(spec.weights), "backend": predictor.name}
         row |= {"stages_ms": time_pipeline(predictor, images, warmup, repeats)}
         if plain_ultralytics and spec.weights.suffix == ".pt" and str(predictor.name).startswith("yolo"):
             conf, _ = inference.resolve_threshold("balanced", predictor.card)
@@ -388,6 +423,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help=f"accuracy JSON (default: {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--from-cards", action="store_true",
+                   help="rows from each model's card (test metrics of `evaluate.py --write-card` on this dataset, "
+                        "checked by the splits.csv hash) instead of predicting the split again")
     s = p.add_argument_group("speed mode")
     s.add_argument("--speed", action="store_true", help="time each stage instead of scoring")
     s.add_argument("--images", type=Path, help="images to time (default: synthetic phantoms)")
@@ -423,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.n_boot < 0:
             raise BenchmarkError("--n-boot must be >= 0")
         payload = benchmark(specs, args.data, args.split, args.val_split, n_boot=args.n_boot, seed=args.seed,
-                            device=args.device, progress=not args.quiet)
+                            device=args.device, progress=not args.quiet, from_cards=args.from_cards)
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -443,7 +481,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main_speed(args: argparse.Namespace, specs: list[ModelSpec]) -> int:
-    import inference
 
     if args.threads:
         inference.set_threads(args.threads)  # before any model loads

@@ -1176,6 +1176,7 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "split": report["split"], "data": report["data"], "n_images": report["n_images"], "n_positive": report["n_positive"],
         "splits_sha256": report.get("splits_sha256"), "evaluated": report.get("created"),
         "box": {k: report["box"].get(k) for k in ("map50", "map50_95", "n_gt_boxes")},
+        "image_auc": report.get("image_auc"),
         "image_level": {m: slim(v) for m, v in report["image_level"].items()},
         "localization": report.get("localization"),
         "by_source": {k: part(v) for k, v in report.get("by_source", {}).items()},

@@ -160,3 +160,30 @@ def test_speed_mode_plain_ultralytics_baseline(tmp_path):
     assert row["backend"] == "yolo:tiny"
     assert row["plain_ultralytics_ms"]["imgsz"] == 128 and row["plain_ultralytics_ms"]["end_to_end"]["median"] > 0
     assert row["speedup_vs_plain_pytorch"] > 0 and payload["baseline"]["model"] == "pt"
+
+
+def test_benchmark_from_cards_uses_evaluates_numbers_and_checks_the_dataset(tmp_path, capsys, oracle_backend):
+    import evaluate
+
+    root = tmp_path / "ds"
+    phantoms = write_tree(root)
+    oracle = write_oracle(tmp_path / "o", root, phantoms, inference.Contract(), {"backend": "oracle"})
+    out = tmp_path / "bench.json"
+    args = ["--data", str(root / "dataset.yaml"), "--models", f"oracle={oracle}", "--out", str(out), "--quiet", "--from-cards"]
+    assert bm.main(args) == 2  # no metrics in the card yet
+    assert "evaluate.py --weights" in capsys.readouterr().err
+    assert evaluate.main(["--weights", str(oracle), "--data", str(root / "dataset.yaml"), "--write-card", "--n-boot", "50",
+                          "--no-plots", "--quiet", "--out", str(tmp_path / "report.json")]) == 0
+    assert bm.main(args) == 0
+    payload = json.loads(out.read_text())
+    schema = json.loads(SCHEMA.read_text())
+    assert schema_errors(payload, schema, schema) == []
+    row = payload["models"][0]
+    assert row["map50"] == pytest.approx((34 + 33 * 0.4) / 101, abs=1e-5)  # evaluate's number, carried over
+    assert row["thresholds_source"] == "model_card" and row["ms_per_image"]["median"] is None
+    assert payload["bootstrap"]["n_boot"] == 50 and (payload["n_images"], payload["n_positive"]) == (6, 3)
+    # another dataset (a changed splits.csv) is refused, not mixed in
+    with open(root / "splits.csv", "a") as fh:
+        fh.write("\n")
+    assert bm.main(args) == 2
+    assert "not 'test' of this one" in capsys.readouterr().err
