@@ -31,7 +31,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=Path, nargs="*", default=[], metavar="RUN_DIR",
                    help="run folders (runs/<name>) compared when choosing the model: a table from their train_log.csv, "
                         "args.json and run.json")
+    p.add_argument("--speed", type=Path, default=None, metavar="SPEED_JSON",
+                   help="what `benchmark.py --speed --json SPEED_JSON` wrote: the CPU speed table")
     return p
+
+
+def speed_rows(payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """The speed table from `benchmark.py --speed --json`: median ms per stage, per model."""
+    rows = []
+    for m in payload["models"]:
+        stages = m["stages_ms"]
+        rows.append({"model": m["name"], "backend": m["backend"],
+                     **{f"{k} ms": stages[k]["median"] for k in ("decode", "harmonize", "model", "post")},
+                     "end to end ms (median)": stages["end_to_end"]["median"], "p90": stages["end_to_end"]["p90"],
+                     "speed-up": m.get("speedup_vs_plain_pytorch")})
+    return rows
 
 
 def candidate_row(run_dir: Path) -> dict[str, Any]:
@@ -139,7 +153,7 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     if extra.get("speed"):
         out += ["## CPU speed", "", table(list(extra["speed"][0].keys()), [[fmt(v, 1) for v in row.values()] for row in extra["speed"]]), ""]
         if extra.get("speed_command"):
-            out += [f"Command: `{extra['speed_command']}`", ""]
+            out += [f"Measured: {extra['speed_command']}", ""]
     regions = sorted((metrics.get("by_region") or {}).keys())
     sources = sorted((metrics.get("by_source") or {}).keys())
     out += ["## What it cannot do", "",
@@ -169,6 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.candidates:
             extra["candidates"] = [candidate_row(run_dir) for run_dir in args.candidates]
+        if args.speed:
+            payload = json.loads(args.speed.read_text())
+            extra["speed"] = speed_rows(payload)
+            machine, images = payload.get("machine", {}), payload.get("images", {})
+            extra["speed_command"] = (f"benchmark.py --speed on {images.get('n')} image(s) of {images.get('sizes_wh')} px, "
+                                      f"{machine.get('threads')} thread(s), {machine.get('cpu_count')} CPUs, commit "
+                                      f"{payload.get('commit')}; speed-up against {(payload.get('baseline') or {}).get('what')}")
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
         print(f"error: cannot read a candidate run: {err}", file=sys.stderr)
         return 2

@@ -61,3 +61,19 @@ def test_candidates_table_from_run_folders(tmp_path, capsys):
     (run / "train_log.csv").write_text("epoch,val_mAP50\n")
     assert write_model_card.main(["--card", str(card), "--out", str(out), "--candidates", str(run)]) == 2
     assert "has no epochs" in capsys.readouterr().err
+
+
+def test_speed_table_from_benchmark_json(tmp_path):
+    card = tmp_path / "demo.json"
+    card.write_text(json.dumps(_card()))
+    stage = lambda m: {"median": m, "p90": m + 1}  # noqa: E731
+    speed = {"commit": "abc", "machine": {"threads": 2, "cpu_count": 2}, "images": {"n": 5, "sizes_wh": [[2000, 2500]]},
+             "baseline": {"what": "the .pth"}, "models": [
+                 {"name": "onnx", "backend": "onnx:x", "speedup_vs_plain_pytorch": 1.9,
+                  "stages_ms": {"decode": stage(30.0), "harmonize": stage(5.0), "model": stage(60.0), "post": stage(0.5),
+                                "end_to_end": stage(96.0)}}]}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    out = tmp_path / "MODEL_CARD.md"
+    assert write_model_card.main(["--card", str(card), "--out", str(out), "--speed", str(tmp_path / "speed.json")]) == 0
+    text = out.read_text()
+    assert "| onnx | onnx:x | 30.0 | 5.0 | 60.0 | 0.5 | 96.0 | 97.0 | 1.9 |" in text and "2 thread(s)" in text
