@@ -114,7 +114,7 @@ class DetectResponse(BaseModel):
         "threshold_source": "model_card",
         "fracture_detected": True,
         "detections": [{
-            "xyxy": [812.4, 1033.0, 940.2, 1101.7], "score": 0.72, "label": "fracture", "model": "yolo:bone-r-default",
+            "xyxy": [812.4, 1033.0, 940.2, 1101.7], "score": 0.72, "label": "fracture", "model": "onnx:bone-r-default",
             "hints": {"type": "focal (e.g. hairline, buckle or avulsion)", "severity": "mild or subtle", "confidence": "high",
                       "aspect_ratio": 1.86, "relative_area": 0.0023, "best_guess": True,
                       "note": "Best guess from the box's shape, size and score only; not a diagnosis."},
@@ -122,7 +122,7 @@ class DetectResponse(BaseModel):
         "consult": {"level": "routine-review", "text": "Bone-R flagged a possible fracture. Have a clinician review this radiograph."},
         "disclaimer": DISCLAIMER_EXAMPLE,
         "nearby_clinics": {"available": False, "reason": "no location was given (lat and lng)"},
-        "model": {"backend": "yolo", "detector": "yolo:bone-r-default", "weights": "bone-r-default.pt"},
+        "model": {"backend": "onnx", "detector": "onnx:bone-r-default", "weights": "bone-r-default.onnx"},
         "timings_ms": {"read_ms": 4.1, "queue_ms": 0.2, "decode_ms": 61.0, "harmonize_ms": 9.8, "model_ms": 88.5,
                        "post_ms": 0.4, "total_ms": 171.3},
         "overlay_png_base64": None,
@@ -168,9 +168,9 @@ class HealthResponse(BaseModel):
     disclaimer: str
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
-        "status": "ok", "reason": None, "backend": "yolo", "detector": "yolo:bone-r-default",
-        "weights": {"name": "bone-r-default.pt", "sha256_prefix": "3f7a9c01d2e4"},
-        "model_card": {"present": True, "name": "bone-r-default", "classes": ["fracture"], "imgsz": 640,
+        "status": "ok", "reason": None, "backend": "onnx", "detector": "onnx:bone-r-default",
+        "weights": {"name": "bone-r-default.onnx", "sha256_prefix": "3f7a9c01d2e4"},
+        "model_card": {"present": True, "name": "bone-r-default", "classes": ["fracture"], "imgsz": 512,
                        "thresholds": {"screening": {"threshold": 0.12, "source": "model_card"},
                                       "balanced": {"threshold": 0.31, "source": "model_card"},
                                       "specific": {"threshold": 0.55, "source": "model_card"}},

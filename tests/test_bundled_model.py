@@ -1,0 +1,81 @@
+"""The bundled default model (weights/bone-r-default.onnx + its card) and the README's main job on it.
+
+These run the committed model itself, so a fresh clone proves what the README promises: no argument finds the
+model, a single image and a folder both work, and the card, MODEL_CARD.md and the file agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import cv2
+import pytest
+
+import inference
+from phantoms import make_dicom, make_phantom
+from scripts import write_model_card
+
+ROOT = inference.ROOT
+ONNX = ROOT / "weights" / "bone-r-default.onnx"
+CARD = ROOT / "weights" / "bone-r-default.json"
+
+
+@pytest.fixture(scope="module")
+def card():
+    assert ONNX.is_file() and CARD.is_file(), "the bundled model is part of the repository"
+    return json.loads(CARD.read_text())
+
+
+def test_default_weights_is_the_bundled_onnx(card):
+    assert inference.default_weights() == ONNX
+    predictor = inference.Predictor()
+    assert predictor.weights == ONNX and predictor.detector.format == "torchvision"
+    assert predictor.contract == inference.Contract.from_dict(card["contract"])
+
+
+def test_card_is_complete_and_honest(card):
+    assert card["classes"] == ["fracture"] and card["backend"] == "onnx"
+    assert set(card["thresholds"]) == set(inference.MODES)
+    taus = [card["thresholds"][m]["threshold"] for m in ("screening", "balanced", "specific")]
+    assert taus == sorted(taus)  # screening flags the most, specific the least
+    metrics = card["metrics"]
+    assert metrics["split"] == "test" and metrics["val_split"] == "val"
+    assert metrics["splits_sha256"] == card["dataset"]["splits_sha256"]
+    assert metrics["by_source"] and metrics["by_region"]
+    for mode in inference.MODES:
+        level = metrics["image_level"][mode]
+        assert level["threshold"] == pytest.approx(card["thresholds"][mode]["threshold"])
+        assert level["tp"] + level["fn"] == metrics["n_positive"]
+        assert level["tp"] + level["fp"] + level["tn"] + level["fn"] == metrics["n_images"]
+    assert card["started_from"].startswith("ImageNet EfficientNet-Lite0")
+    assert "/work/" not in json.dumps(card) and "/root/" not in json.dumps(card)  # no machine paths
+
+
+def test_model_card_markdown_is_generated_from_the_card(card):
+    assert (ROOT / "MODEL_CARD.md").read_text().startswith(write_model_card.render(card, {})[:2000])
+
+
+def test_main_job_on_one_image_and_a_folder(tmp_path, card):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), make_phantom(1250, 1000, fractured=True, seed=5, bits=16).pixels)
+    (folder / "b.dcm").write_bytes(make_dicom(make_phantom(600, 500, seed=6, bits=16).pixels))
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "inference.py"), *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    one = run("--image", folder / "a.png", "--out", tmp_path / "p.png", "--json", tmp_path / "p.json", "--mode", "screening")
+    assert one.returncode == 0, one.stderr
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["threshold"] == pytest.approx(card["thresholds"]["screening"]["threshold"])
+    overlay = cv2.imread(str(tmp_path / "p.png"))
+    assert overlay.shape[1] == 1000 and overlay.shape[0] >= 1250  # the image, plus the disclaimer band below it
+    many = run("--image", folder, "--json", tmp_path / "all.json", "--csv", tmp_path / "all.csv", "--out", tmp_path / "ov")
+    assert many.returncode == 0, many.stderr
+    records = json.loads((tmp_path / "all.json").read_text())
+    assert sorted(r["image"].rsplit("/", 1)[-1] for r in records) == ["a.png", "b.dcm"]
+    assert all({"fracture_detected", "threshold", "detections"} <= set(r) for r in records)
+    with open(tmp_path / "all.csv", newline="") as fh:
+        assert {row["image"].rsplit("/", 1)[-1] for row in csv.DictReader(fh)} == {"a.png", "b.dcm"}
+    assert len(list((tmp_path / "ov").glob("*.png"))) == 2
