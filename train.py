@@ -393,8 +393,10 @@ def absolute(path: Path | str | None) -> Path | None:
 
 
 def evaluate_after_training(weights: Path, data: Path, threads: int) -> int:
-    """Run ``evaluate.py --weights W --data D --write-card`` with the training's CPU threads."""
-    args = ["--weights", weights, "--data", data, "--write-card", "--threads", str(threads)]
+    """Run ``evaluate.py --weights W --data D --write-card`` with the training's CPU threads; the report and its
+    plots go into the run folder (``runs/<name>/evaluate/``), beside the weights they describe."""
+    report = weights.parent.parent / "evaluate" / f"{weights.stem}_test.json"
+    args = ["--weights", weights, "--data", data, "--write-card", "--threads", str(threads), "--out", report]
     shown = shlex.join(["python", "evaluate.py", *(display_path(a) if isinstance(a, Path) else a for a in args)])
     print(f"evaluating: {shown}")
     done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT)

@@ -172,3 +172,4 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     card = json.loads(best.with_suffix(".json").read_text())
     assert set(card["thresholds"]) == {"screening", "balanced", "specific"}
     assert card["metrics"]["split"] == "test" and 0 <= card["metrics"]["box"]["map50"] <= 1
+    assert (run / "evaluate" / "best_test.json").is_file()  # the report stays in the run folder
