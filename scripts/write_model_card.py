@@ -149,7 +149,10 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
                 "### By region (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
     if extra.get("candidates"):
         out += ["## Candidates compared (validation split)", "", table(list(extra["candidates"][0].keys()),
-                [[fmt(v) for v in row.values()] for row in extra["candidates"]]), ""]
+                [[fmt(v) for v in row.values()] for row in extra["candidates"]]),
+                "", "Validation mAP from each trainer's own per-epoch validation (`train_log.csv`); runs with fewer val "
+                "images used a seeded subset. Seconds are wall time of the training passes on the machine named above, "
+                "which may have been shared: compare them loosely.", ""]
     if extra.get("speed"):
         out += ["## CPU speed", "", table(list(extra["speed"][0].keys()), [[fmt(v, 1) for v in row.values()] for row in extra["speed"]]), ""]
         if extra.get("speed_command"):
