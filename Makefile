@@ -40,7 +40,12 @@ serve: setup
 
 predict: setup
 	@test -n "$(IMAGE)" || (echo "usage: make predict IMAGE=path/to/xray.png (or a folder)"; exit 2)
-	$(BIN)/python inference.py --image "$(IMAGE)" --out prediction.png --json prediction.json
+	@# one image -> prediction.png + prediction.json; a folder -> predictions/ (overlays) + predictions.json + predictions.csv
+	if [ -d "$(IMAGE)" ]; then \
+	  $(BIN)/python inference.py --image "$(IMAGE)" --out predictions --json predictions.json --csv predictions.csv; \
+	else \
+	  $(BIN)/python inference.py --image "$(IMAGE)" --out prediction.png --json prediction.json; \
+	fi
 
 dataset: setup
 	$(BIN)/python scripts/build_dataset.py --data $(DATA) --out $(OUT) $(if $(OVERWRITE),--overwrite)
