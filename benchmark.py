@@ -216,6 +216,25 @@ def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test
     return row, metrics
 
 
+def add_speed(payload: dict[str, Any], speed_payload: dict[str, Any]) -> int:
+    """Fill `ms_per_image` of benchmark rows from a `--speed --json` result for the same weights file (the timed
+    end to end median); returns how many rows were filled."""
+    timed = {m["weights"]: m for m in speed_payload.get("models", [])}
+    images, machine = speed_payload.get("images", {}), speed_payload.get("machine", {})
+    filled = 0
+    for row in payload["models"]:
+        m = timed.get(row["weights"])
+        if m is None:
+            continue
+        e2e = m["stages_ms"]["end_to_end"]
+        row["ms_per_image"] = {"median": e2e["median"], "p90": e2e["p90"], "n": m["stages_ms"]["n"],
+                               "what": f"end to end (decode + harmonize + model + post) on {images.get('n')} image(s) of "
+                                       f"{images.get('sizes_wh')} px, {machine.get('threads')} thread(s): benchmark.py "
+                                       f"--speed at commit {speed_payload.get('commit')}"}
+        filled += 1
+    return filled
+
+
 def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
               seed: int = 0, device: str = "cpu", progress: bool = True, predictors: dict[str, Any] | None = None,
               from_cards: bool = False) -> dict[str, Any]:
@@ -423,6 +442,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, default=None, help=f"accuracy JSON (default: {DEFAULT_OUT.relative_to(ROOT)})")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--speed-json", type=Path, default=None, metavar="SPEED_JSON",
+                   help="fill ms/image from a `--speed --json SPEED_JSON` run (rows with the same weights)")
     p.add_argument("--from-cards", action="store_true",
                    help="rows from each model's card (test metrics of `evaluate.py --write-card` on this dataset, "
                         "checked by the splits.csv hash) instead of predicting the split again")
@@ -462,6 +483,13 @@ def main(argv: list[str] | None = None) -> int:
             raise BenchmarkError("--n-boot must be >= 0")
         payload = benchmark(specs, args.data, args.split, args.val_split, n_boot=args.n_boot, seed=args.seed,
                             device=args.device, progress=not args.quiet, from_cards=args.from_cards)
+        if args.speed_json:
+            try:
+                speed_payload = json.loads(args.speed_json.read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise BenchmarkError(f"cannot read --speed-json: {err}") from None
+            if not add_speed(payload, speed_payload):
+                raise BenchmarkError(f"{args.speed_json} times none of these weights files")
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

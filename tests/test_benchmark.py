@@ -182,6 +182,18 @@ def test_benchmark_from_cards_uses_evaluates_numbers_and_checks_the_dataset(tmp_
     assert row["map50"] == pytest.approx((34 + 33 * 0.4) / 101, abs=1e-5)  # evaluate's number, carried over
     assert row["thresholds_source"] == "model_card" and row["ms_per_image"]["median"] is None
     assert payload["bootstrap"]["n_boot"] == 50 and (payload["n_images"], payload["n_positive"]) == (6, 3)
+    # ms/image from a speed run of the same weights file; a speed run of other weights is an error
+    stage = {"median": 12.5, "p90": 14.0}
+    speed = {"commit": "abc", "machine": {"threads": 2}, "images": {"n": 4, "sizes_wh": [[200, 250]]},
+             "models": [{"name": "x", "weights": inference.display_path(oracle), "stages_ms": {"end_to_end": stage, "n": 4}}]}
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    assert bm.main([*args, "--speed-json", str(tmp_path / "speed.json")]) == 0
+    ms = json.loads(out.read_text())["models"][0]["ms_per_image"]
+    assert (ms["median"], ms["p90"], ms["n"]) == (12.5, 14.0, 4) and "2 thread(s)" in ms["what"]
+    speed["models"][0]["weights"] = "elsewhere.onnx"
+    (tmp_path / "speed.json").write_text(json.dumps(speed))
+    assert bm.main([*args, "--speed-json", str(tmp_path / "speed.json")]) == 2
+    assert "times none of these weights" in capsys.readouterr().err
     # another dataset (a changed splits.csv) is refused, not mixed in
     with open(root / "splits.csv", "a") as fh:
         fh.write("\n")
