@@ -44,6 +44,7 @@
         const td = el(i === 0 ? "th" : "td", typeof cell === "object" && cell !== null ? cell.text : cell);
         if (i === 0) td.setAttribute("scope", "row");
         if (typeof cell === "object" && cell !== null && cell.num) td.className = "num";
+        if (typeof cell === "object" && cell !== null && cell.title) td.title = cell.title;  // an attribute: text, never HTML
         r.append(td);
       });
       tbody.append(r);
@@ -398,7 +399,7 @@
       return [
         str(m.name), str(m.backend), { text: num(m.map50), num: true }, { text: num(m.map50_95), num: true },
         { text: num(m.roc_auc), num: true }, { text: num(bal.threshold, 3), num: true },
-        metric(bal.sensitivity), metric(bal.specificity), { text: num(ms.median, 1), num: true },
+        metric(bal.sensitivity), metric(bal.specificity), { text: num(ms.median, 1), num: true, title: str(ms.what, "") },
         { text: isNum(m.params) ? m.params.toLocaleString("en") : "n/a", num: true }, { text: num(m.size_mb, 1), num: true },
       ];
     });
