@@ -149,6 +149,27 @@ def _e2e_ms(record: dict[str, Any]) -> float | None:
 # --------------------------------------------------------------------------- accuracy
 
 
+def benchmark_row(spec: ModelSpec, predictor: Any, summary: dict[str, Any], thresholds_source: str,
+                  ms_per_image: dict[str, Any], n_errors: int = 0) -> dict[str, Any]:
+    """One benchmark.json row from an evaluation summary: an evaluate.py report, or the `metrics` of a model card
+    (both hold `box`, `image_auc` and `image_level`)."""
+    bal = summary["image_level"].get("balanced") or {}
+    return {
+        "name": spec.name,
+        "weights": inference.display_path(spec.weights),
+        "backend": predictor.name,
+        "map50": summary["box"]["map50"],
+        "map50_95": summary["box"]["map50_95"],
+        "roc_auc": (summary.get("image_auc") or {}).get("roc_auc"),
+        "balanced": {"threshold": bal.get("threshold"), "sensitivity": bal.get("sensitivity"), "specificity": bal.get("specificity")},
+        "thresholds_source": thresholds_source,
+        "ms_per_image": ms_per_image,
+        "params": count_params(predictor.detector),
+        "size_mb": round(spec.weights.stat().st_size / 2**20, 3) if spec.weights.is_file() else None,
+        "n_errors": n_errors,
+    }
+
+
 def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
                     seed: int = 0, device: str = "cpu", progress: bool = True, predictor: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(benchmark row, full evaluate report) for one model."""
@@ -163,32 +184,15 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
         raise BenchmarkError(f"model {spec.name}: {err}") from None
     records = report.pop("_records")
     ms = [v for v in map(_e2e_ms, records) if v is not None]
-    bal = report["image_level"].get("balanced") or {}
-    row = {
-        "name": spec.name,
-        "weights": inference.display_path(spec.weights),
-        "backend": predictor.name,
-        "map50": report["box"]["map50"],
-        "map50_95": report["box"]["map50_95"],
-        "roc_auc": report["image_auc"]["roc_auc"],
-        "balanced": {
-            "threshold": report["operating_points"].get("balanced", {}).get("threshold"),
-            "sensitivity": bal.get("sensitivity"),
-            "specificity": bal.get("specificity"),
-        },
-        "thresholds_source": "model_card" if card_thresholds else "val",
-        "ms_per_image": _stats(ms) | {"n": len(ms), "what": "decode + harmonize + model + post, per image, during this evaluation"},
-        "params": count_params(predictor.detector),
-        "size_mb": round(spec.weights.stat().st_size / 2**20, 3) if spec.weights.is_file() else None,
-        "n_errors": len(report.get("errors", [])),
-    }
+    row = benchmark_row(spec, predictor, report, "model_card" if card_thresholds else "val",
+                        _stats(ms) | {"n": len(ms), "what": "decode + harmonize + model + post, per image, during this evaluation"},
+                        n_errors=len(report.get("errors", [])))
     return row, report
 
 
 def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """(benchmark row, the card's metrics) from the test metrics `evaluate.py --write-card` stored in the model's card,
     without predicting again. Refused unless the card was scored on `split` of this very dataset (splits.csv hash)."""
-
     card = inference.load_model_card(spec.weights) or {}
     metrics = card.get("metrics")
     evaluate_first = (f"run: python evaluate.py --weights {inference.display_path(spec.weights)} --data <dataset.yaml> "
@@ -200,19 +204,9 @@ def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test
                              f"splits.csv {str(metrics.get('splits_sha256'))[:12]}, not {split!r} of this one "
                              f"({str(splits_sha256)[:12]}); {evaluate_first}")
     predictor = build_predictor(spec, device)  # loads, predicts nothing: backend name and parameter count
-    bal = metrics["image_level"].get("balanced") or {}
-    row = {
-        "name": spec.name, "weights": inference.display_path(spec.weights), "backend": predictor.name,
-        "map50": metrics["box"]["map50"], "map50_95": metrics["box"]["map50_95"],
-        "roc_auc": (metrics.get("image_auc") or {}).get("roc_auc"),
-        "balanced": {"threshold": bal.get("threshold"), "sensitivity": bal.get("sensitivity"), "specificity": bal.get("specificity")},
-        "thresholds_source": "model_card",
-        "ms_per_image": {"median": None, "p90": None, "n": 0,
-                         "what": f"not timed: row from the model card (evaluate.py, {metrics.get('evaluated')})"},
-        "params": count_params(predictor.detector),
-        "size_mb": round(spec.weights.stat().st_size / 2**20, 3),
-        "n_errors": 0,
-    }
+    row = benchmark_row(spec, predictor, metrics, "model_card",
+                        {"median": None, "p90": None, "n": 0,
+                         "what": f"not timed: row from the model card (evaluate.py, {metrics.get('evaluated')})"})
     return row, metrics
 
 
@@ -315,7 +309,6 @@ def write_phantoms(folder: Path, n: int, width: int, height: int, seed: int = 0)
 
 def time_pipeline(predictor: Any, images: list[Path], warmup: int = 2, repeats: int = 1) -> dict[str, Any]:
     """Median/p90 ms per image of each stage of `inference.Predictor` (the serving path)."""
-
     for i in range(warmup):
         predictor.predict(images[i % len(images)])
     stages: dict[str, list[float]] = {k: [] for k in ("decode", "harmonize", "model", "post", "end_to_end")}
@@ -357,7 +350,6 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
           device: str = "cpu", predictors: dict[str, Any] | None = None, plain_ultralytics: bool = True) -> dict[str, Any]:
     """Time every model on the same images in one run; ratios against plain Ultralytics PyTorch."""
     from tqdm import tqdm
-
 
     if threads:
         inference.set_threads(threads)
