@@ -221,30 +221,23 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
         out.unlink()
         raise ExportError(f"the exported graph disagrees with PyTorch on the trace input ({len(got[0])} vs "
                           f"{len(reference[0])} boxes); nothing was written")
-    used_opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), opset)
-    card.update(
-        backend="onnx",
-        imgsz=trained,
-        export={
-            "from": display_path(weights),
-            "from_sha256": sha256_file(weights),
-            "format": "onnx",
-            "source_backend": str(config["arch"]),
-            "imgsz": trained,
-            "input": "normalized RGB (1, 3, h, w), dynamic height and width; long side imgsz",
-            "opset": used_opset,
-            "dynamic": True,
-            "simplify": False,
-            "graph_rewrites": ["NMS stops at the kept-box limit", "RoIAlign levels merged by a gather"],
-            **_storage_card(fp16),
-            "torch": torch.__version__,
-            "torchvision": torchvision.__version__,
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        },
-    )
+    _write_export_card(card, weights, out, proto, imgsz=trained, source_backend=str(config["arch"]), fp16=fp16,
+                       input="normalized RGB (1, 3, h, w), dynamic height and width; long side imgsz", dynamic=True,
+                       simplify=False, graph_rewrites=["NMS stops at the kept-box limit", "RoIAlign levels merged by a gather"],
+                       torch=torch.__version__, torchvision=torchvision.__version__)
+    return out
+
+
+def _write_export_card(card: dict, weights: Path, out: Path, proto, *, imgsz: int, source_backend: str,
+                       fp16: dict | None, **details) -> None:
+    """Write `out`'s card: the weights' card with backend onnx and an `export` record (`details` are the exporter's)."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    card.update(backend="onnx", imgsz=imgsz, export={
+        "from": display_path(weights), "from_sha256": sha256_file(weights), "format": "onnx",
+        "source_backend": source_backend, "imgsz": imgsz, "opset": opset, **details, **_storage_card(fp16),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
     card.setdefault("disclaimer", DISCLAIMER)
     card_path_for(out).write_text(json.dumps(card, indent=2) + "\n")
-    return out
 
 
 def _store_fp16_or_fail(proto, out: Path) -> dict:
@@ -312,32 +305,14 @@ def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | N
     import onnx
 
     model = onnx.load(str(out), load_external_data=store_fp16)  # the weights themselves only when they are rewritten
-    used_opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     fp16 = None
     if store_fp16:
         fp16 = _store_fp16_or_fail(model, out)
         onnx.save(model, str(out))
     import ultralytics
 
-    card.update(
-        backend="onnx",
-        imgsz=imgsz,
-        export={
-            "from": display_path(weights),
-            "from_sha256": sha256_file(weights),
-            "format": "onnx",
-            "source_backend": "yolo",
-            "imgsz": imgsz,
-            "opset": used_opset,
-            "dynamic": dynamic,
-            "simplify": simplify,
-            **_storage_card(fp16),
-            "ultralytics": ultralytics.__version__,
-            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        },
-    )
-    card.setdefault("disclaimer", DISCLAIMER)
-    card_path_for(out).write_text(json.dumps(card, indent=2) + "\n")
+    _write_export_card(card, weights, out, model, imgsz=imgsz, source_backend="yolo", fp16=fp16, dynamic=dynamic,
+                       simplify=simplify, ultralytics=ultralytics.__version__)
     return out
 
 
