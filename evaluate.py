@@ -1449,6 +1449,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must lie in (0, 1]"
     if args.n_boot < 0:
         return "--n-boot must be >= 0"
+    if args.threads is not None and args.threads < 1:
+        return "--threads must be >= 1"
     return None
 
 
@@ -1458,7 +1460,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    if args.threads:
+    if args.threads is not None:
         inference.set_threads(args.threads)  # before the model loads
     name = (args.weights or args.predictions).stem
     out = args.out or Path("runs") / "evaluate" / f"{name}_{args.split}.json"

@@ -183,10 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError) as err:
         print(f"error: cannot read the card: {err}", file=sys.stderr)
         return 2
+    what = "a --candidates run folder"
     try:
         if args.candidates:
             extra["candidates"] = [candidate_row(run_dir) for run_dir in args.candidates]
         if args.speed:
+            what = f"--speed {args.speed} (benchmark.py --speed --json output)"
             payload = json.loads(args.speed.read_text())
             extra["speed"] = speed_rows(payload)
             machine, images = payload.get("machine", {}), payload.get("images", {})
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                                       f"{machine.get('threads')} thread(s), {machine.get('cpu_count')} CPUs, commit "
                                       f"{payload.get('commit')}; speed-up against {(payload.get('baseline') or {}).get('what')}")
     except (OSError, KeyError, ValueError, json.JSONDecodeError) as err:
-        print(f"error: cannot read a candidate run: {err}", file=sys.stderr)
+        print(f"error: cannot read {what}: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     if not isinstance(card, dict) or "architecture" not in card:
         print(f"error: {args.card} is not a Bone-R model card (no 'architecture')", file=sys.stderr)

@@ -551,6 +551,8 @@ def test_cli_predictions_errors_for_unmatched(tree, tmp_path, capsys):
     assert rc == 2 and "not valid JSON" in err
     rc, _, err = run_cli(["--predictions", test_only, "--data", data, "--write-card"], capsys)
     assert rc == 2 and "--write-card needs --weights" in err
+    rc, _, err = run_cli(["--predictions", test_only, "--data", data, "--threads", "0"], capsys)
+    assert rc == 2 and "--threads must be >= 1" in err
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
     rc, _, err = run_cli(["--weights", corrupt, "--data", data, "--no-plots"], capsys)

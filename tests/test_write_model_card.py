@@ -63,7 +63,7 @@ def test_candidates_table_from_run_folders(tmp_path, capsys):
     assert "has no epochs" in capsys.readouterr().err
 
 
-def test_speed_table_from_benchmark_json(tmp_path):
+def test_speed_table_from_benchmark_json(tmp_path, capsys):
     card = tmp_path / "demo.json"
     card.write_text(json.dumps(_card()))
     stage = lambda m: {"median": m, "p90": m + 1}  # noqa: E731
@@ -77,3 +77,7 @@ def test_speed_table_from_benchmark_json(tmp_path):
     assert write_model_card.main(["--card", str(card), "--out", str(out), "--speed", str(tmp_path / "speed.json")]) == 0
     text = out.read_text()
     assert "| onnx | onnx:x | 30.0 | 5.0 | 60.0 | 0.5 | 96.0 | 97.0 | 1.9 |" in text and "2 thread(s)" in text
+    # a speed file that is not benchmark.py --speed output: one line, exit 2
+    (tmp_path / "speed.json").write_text(json.dumps({"models": [{"name": "x"}]}))
+    assert write_model_card.main(["--card", str(card), "--out", str(out), "--speed", str(tmp_path / "speed.json")]) == 2
+    assert "cannot read --speed" in capsys.readouterr().err
