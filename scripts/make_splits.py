@@ -13,7 +13,11 @@ copies) never crosses splits. Groups that share a byte-identical image (same
 sha256) are merged first, so an exact duplicate cannot leak; so are groups whose
 images are near-identical (cosine similarity of 24x24 thumbnails >= 0.96 by
 default: re-encoded or re-cropped copies of one radiograph, repeat exposures),
-which catches copies that byte hashes miss. A byte-identical image labelled both
+which catches copies that byte hashes miss. After the split is drawn, groups
+holding a mirrored or 90-degree-rotated copy of each other's image (the best
+cosine over the 8 flips and rotations of the thumbnail, same threshold) are
+merged too and moved to the earliest split of their members (train, then val,
+then test), so every other image keeps its split. A byte-identical image labelled both
 positive and negative keeps only its positive copies (``--label-conflicts``). Strata are source x
 region x label (a group is positive when any of its images is); each stratum's
 groups are shuffled with the seed and cut by the ratios, and a stratum with at
@@ -216,6 +220,9 @@ def resolve_label_conflicts(items: list[Item], policy: str) -> tuple[list[Item],
 
 
 THUMB = 24  # side of the thumbnail compared for near-duplicates
+# Checked on known pairs and non-pairs (JOURNAL 2026-11-29): both mirrored Science-Research pairs score >= 0.968 and
+# no two of 562k proximal-femur images of different radiographs reach it except byte-identical ones.
+DEFAULT_NEAR_DUP = 0.96
 
 
 def fingerprint(data: bytes) -> np.ndarray:
@@ -229,11 +236,27 @@ def fingerprint(data: bytes) -> np.ndarray:
     return thumb / norm if norm > 0 else thumb  # a flat image matches nothing
 
 
-def near_duplicate_pairs(prints: np.ndarray, threshold: float, block: int = 2048) -> list[tuple[int, int, float]]:
-    """(i, j, cosine) for i < j with cosine >= threshold, in blocks so memory stays small."""
+def dihedral_variants(prints: np.ndarray) -> np.ndarray:
+    """(8, n, THUMB*THUMB): every fingerprint under the 4 rotations of its thumbnail and of its mirror image.
+
+    Rotating or mirroring an image and then thumbnailing it equals doing the same to its thumbnail (the
+    thumbnail is a square resize), and a permutation keeps a unit vector a unit vector."""
+    squares = prints.reshape(len(prints), THUMB, THUMB)
+    return np.stack([np.rot90(squares[:, :, ::-1] if mirror else squares, k, axes=(1, 2)).reshape(len(prints), -1)
+                     for mirror in (False, True) for k in range(4)])
+
+
+def near_duplicate_pairs(prints: np.ndarray, threshold: float, block: int = 1024,
+                         any_orientation: bool = False) -> list[tuple[int, int, float]]:
+    """(i, j, cosine) for i < j with cosine >= threshold, in blocks so memory stays small.
+
+    `any_orientation`: the cosine is the best over the 8 flips and 90-degree rotations of j's thumbnail,
+    so a mirrored or rotated copy matches its original."""
+    prints = prints.astype(np.float32)
+    variants = dihedral_variants(prints) if any_orientation else prints[None]
     pairs = []
     for start in range(0, len(prints), block):
-        sims = prints[start : start + block] @ prints.T
+        sims = np.max(np.stack([prints[start : start + block] @ v.T for v in variants]), axis=0)
         rows, cols = np.nonzero(sims >= threshold)
         for r, c in zip(rows, cols, strict=True):
             i = start + int(r)
@@ -242,34 +265,67 @@ def near_duplicate_pairs(prints: np.ndarray, threshold: float, block: int = 2048
     return pairs
 
 
+class GroupUnion:
+    """Union-find over group names; each union of two different groups is recorded as (kept, merged, reason)."""
+
+    def __init__(self, groups):
+        self.parent = {g: g for g in groups}
+        self.merges: list[tuple[str, str, str]] = []
+
+    def find(self, g: str) -> str:
+        while self.parent[g] != g:
+            self.parent[g] = self.parent[self.parent[g]]
+            g = self.parent[g]
+        return g
+
+    def union(self, g1: str, g2: str, reason: str) -> None:
+        a, b = self.find(g1), self.find(g2)
+        if a != b:
+            keep, drop = sorted((a, b))
+            self.parent[drop] = keep
+            self.merges.append((keep, drop, reason))
+
+
+def pair_reason(kind: str, sim: float, a: Item, b: Item) -> str:
+    return f"{kind} {sim:.4f} ({a.source}__{a.stem} ~ {b.source}__{b.stem})"
+
+
 def merge_duplicate_groups(items: list[Item], near_pairs: list[tuple[int, int, float]] = ()) -> list[tuple[str, str, str]]:
     """Give every item its final group: groups sharing a byte-identical image, or a near-identical one
     (`near_pairs` of item indices), become one. Returns the merges made as (kept, merged, reason)."""
-    parent: dict[str, str] = {it.group: it.group for it in items}
-
-    def find(g: str) -> str:
-        while parent[g] != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
-
-    merges = []
-
-    def union(g1: str, g2: str, reason: str) -> None:
-        a, b = find(g1), find(g2)
-        if a != b:
-            keep, drop = sorted((a, b))
-            parent[drop] = keep
-            merges.append((keep, drop, reason))
-
+    groups = GroupUnion(it.group for it in items)
     first_by_hash: dict[str, str] = {}
     for it in sorted(items, key=lambda i: (i.group, i.stem)):
-        union(first_by_hash.setdefault(it.sha256, it.group), it.group, "identical")
+        groups.union(first_by_hash.setdefault(it.sha256, it.group), it.group, "identical")
     for i, j, sim in sorted(near_pairs, key=lambda p: (items[p[0]].group, items[p[1]].group)):
-        union(items[i].group, items[j].group, f"near-identical {sim:.4f} ({items[i].source}__{items[i].stem} ~ {items[j].source}__{items[j].stem})")
+        groups.union(items[i].group, items[j].group, pair_reason("near-identical", sim, items[i], items[j]))
     for it in items:
-        it.final_group = find(it.group)
-    return merges
+        it.final_group = groups.find(it.group)
+    return groups.merges
+
+
+def fold_in_reoriented_copies(items: list[Item], assignment: dict[str, str],
+                              pairs: list[tuple[int, int, float]]) -> list[tuple[str, str, str]]:
+    """Merge the groups of mirrored or rotated copies (`pairs` of item indices) after the split was drawn.
+
+    The merged group goes to the earliest split any member was in (train, then val, then test): every other
+    group keeps its split, and no image a model was trained on moves into val or test. `assignment` and
+    each item's final group are updated in place; returns the merges made."""
+    groups = GroupUnion(assignment)
+    for i, j, sim in sorted(pairs, key=lambda p: (items[p[0]].final_group, items[p[1]].final_group)):
+        groups.union(items[i].final_group, items[j].final_group, pair_reason("mirrored/rotated copy", sim, items[i], items[j]))
+    order = {s: i for i, s in enumerate(SPLITS)}
+    families: dict[str, list[str]] = defaultdict(list)
+    for g in assignment:
+        families[groups.find(g)].append(g)
+    for root, members in families.items():
+        split = min((assignment[g] for g in members), key=order.__getitem__)
+        for g in members:
+            del assignment[g]
+        assignment[root] = split
+    for it in items:
+        it.final_group = groups.find(it.final_group)
+    return groups.merges
 
 
 def allocate(n: int, ratios: tuple[float, float, float]) -> tuple[int, int, int]:
@@ -431,9 +487,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--near-dup-threshold",
         type=float,
-        default=0.96,
+        default=DEFAULT_NEAR_DUP,
         help=f"also merge groups whose images' {THUMB}x{THUMB} thumbnails have cosine similarity >= this "
-        "(re-encoded or re-cropped copies, repeat views; default 0.96; 0 turns it off)",
+        "(re-encoded or re-cropped copies, repeat views), and after the split is drawn, groups holding a mirrored or "
+        "90-degree-rotated copy (the best of 8 orientations; moved to the earliest split); default 0.96; 0 turns both off",
     )
     p.add_argument("--verify", type=Path, metavar="TREE", help="only check an existing tree's splits.csv (files, hashes, labels, no group or hash in two splits)")
     return p
@@ -488,6 +545,14 @@ def make_splits(args: argparse.Namespace) -> dict:
         near_pairs = [p for p in near_duplicate_pairs(matrix, args.near_dup_threshold) if items[p[0]].group != items[p[1]].group]
     merges = merge_duplicate_groups(items, near_pairs)
     assignment = assign_splits(items, args.ratios, args.seed)
+    copy_pairs, moved = [], []
+    if args.near_dup_threshold > 0:  # after the draw, so that the earlier splits stay as they were
+        copy_pairs = [p for p in near_duplicate_pairs(matrix, args.near_dup_threshold, any_orientation=True)
+                      if items[p[0]].final_group != items[p[1]].final_group]
+        drawn = {id(it): assignment[it.final_group] for it in items}
+        merges += fold_in_reoriented_copies(items, assignment, copy_pairs)
+        moved = [{"image": f"{it.source}__{it.stem}", "from": drawn[id(it)], "to": assignment[it.final_group]}
+                 for it in items if drawn[id(it)] != assignment[it.final_group]]
     rows = []
     for it in items:
         it.split = assignment[it.final_group]
@@ -549,6 +614,8 @@ def make_splits(args: argparse.Namespace) -> dict:
         "near_dup_threshold": args.near_dup_threshold,
         "duplicate_merges": [list(m) for m in merges],
         "near_duplicate_pairs": len(near_pairs),
+        "reoriented_copy_pairs": len(copy_pairs),
+        "moved_by_reoriented_copies": moved,
         "largest_group": max(Counter(r["group"] for r in rows).values()),
         "label_conflicts": {"policy": args.label_conflicts, "images": conflicts},
         "missing_images_left_out": {k.split(":", 1)[1]: v for k, v in stats.items() if k.startswith("missing_image:")},
@@ -561,8 +628,12 @@ def make_splits(args: argparse.Namespace) -> dict:
     return info
 
 
-def verify_tree(tree: Path, rehash: bool = True) -> list[str]:
-    """Problems found in a written tree (empty list = fine): reads splits.csv and the files only."""
+def verify_tree(tree: Path, rehash: bool = True, near_dup_threshold: float | None = None) -> list[str]:
+    """Problems found in a written tree (empty list = fine): reads splits.csv and the files only.
+
+    Besides the recorded groups and hashes, it fingerprints every image anew and reports any two images in
+    different splits that are copies of each other in any of the 8 orientations (threshold: the build's,
+    from build_info.json, unless given; 0 skips this)."""
     problems: list[str] = []
     splits_csv = tree / "splits.csv"
     if not splits_csv.is_file():
@@ -600,6 +671,26 @@ def verify_tree(tree: Path, rehash: bool = True) -> list[str]:
             problems.append(f"{row['path']}: label {row['label']}/{row['boxes']} boxes in splits.csv, {len(boxes)} in the label file")
     if not (tree / "dataset.yaml").is_file():
         problems.append("dataset.yaml is missing")
+    if near_dup_threshold is None:
+        try:
+            near_dup_threshold = float(json.loads((tree / "build_info.json").read_text())["near_dup_threshold"])
+        except (OSError, ValueError, KeyError):
+            near_dup_threshold = DEFAULT_NEAR_DUP
+    present = [r for r in rows if (tree / r["path"]).is_file()]
+    if near_dup_threshold > 0 and present:
+        prints = []
+        for row in tqdm_bar(present, desc="fingerprint", unit="img"):
+            try:
+                prints.append(fingerprint((tree / row["path"]).read_bytes()))
+            except ValueError as err:
+                problems.append(f"{row['path']}: cannot be decoded: {err}")
+                prints.append(np.zeros(THUMB * THUMB, np.float32))
+        crossing = [(i, j, sim) for i, j, sim in near_duplicate_pairs(np.stack(prints), near_dup_threshold, any_orientation=True)
+                    if present[i]["split"] != present[j]["split"]]
+        for i, j, sim in crossing[:20]:
+            problems.append(f"{present[i]['path']} and {present[j]['path']} are copies (any orientation, cosine {sim:.4f}) in two splits")
+        if len(crossing) > 20:
+            problems.append(f"... and {len(crossing) - 20} more copies in two splits")
     return problems
 
 
@@ -615,7 +706,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.verify / "splits.csv", newline="") as fh:
             rows = list(csv.DictReader(fh))
         print(f"make_splits: verify {args.verify}: OK: {len(rows)} images, {len({r['group'] for r in rows})} groups, "
-              "every file matches its sha256 and labels, no group or image hash in two splits")
+              "every file matches its sha256 and labels, no group, image hash or copy in any orientation (fingerprinted anew) "
+              "in two splits")
         return 0
     if args.out is None:
         print("make_splits: error: --out is required (or --verify TREE)", file=sys.stderr)
@@ -630,13 +722,20 @@ def main(argv: list[str] | None = None) -> int:
     print("groups per split: " + ", ".join(f"{k} {v}" for k, v in info["groups_per_split"].items()))
     merges = info["duplicate_merges"]
     identical = [m for m in merges if m[2] == "identical"]
-    near = [m for m in merges if m[2] != "identical"]
+    near = [m for m in merges if m[2].startswith("near-identical")]
+    reoriented = [m for m in merges if m[2].startswith("mirrored/rotated")]
     print(f"groups merged because they share a byte-identical image: {len(identical)}" + (f" (e.g. {identical[0][1]} -> {identical[0][0]})" if identical else ""))
     if args.near_dup_threshold > 0:
         print(
             f"groups merged because they share a near-identical image (thumbnail cosine >= {args.near_dup_threshold}): {len(near)}"
             + (f" (e.g. {near[0][1]} -> {near[0][0]}: {near[0][2]})" if near else "")
         )
+        per_source = Counter(m[1].split(":", 1)[0] for m in reoriented)
+        print(f"groups merged because one holds a mirrored or 90-degree-rotated copy of the other's image: {len(reoriented)}"
+              + (f" ({', '.join(f'{k} {v}' for k, v in sorted(per_source.items()))}; e.g. {reoriented[0][2]})" if reoriented else ""))
+        moves = Counter(f"{m['from']}->{m['to']}" for m in info["moved_by_reoriented_copies"])
+        print(f"images moved to their copy's split (earliest of train, val, test): {sum(moves.values())}"
+              + (f" ({', '.join(f'{k} {v}' for k, v in sorted(moves.items()))})" if moves else ""))
     print(f"largest group: {info['largest_group']} images")
     conflicts = info["label_conflicts"]["images"]
     if conflicts:

@@ -300,3 +300,61 @@ def test_build_end_to_end(tmp_path: Path, capsys):
     assert info["build"]["built"] == ["setA"] and [s["step"] for s in info["build"]["steps"]] == ["ingest setA", "harmonize setA", "split", "verify"]
     assert build_dataset.main(args) == 2  # OUT is no longer empty
     assert build_dataset.main([*args, "--overwrite"]) == 0
+
+
+def reoriented(png: bytes, op: str) -> np.ndarray:
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE)
+    return {"mirror": image[:, ::-1], "rot90": np.rot90(image), "flip-rot270": np.rot90(image[::-1], 3)}[op]
+
+
+@pytest.mark.parametrize("op", ["mirror", "rot90", "flip-rot270"])
+def test_mirrored_or_rotated_copy_joins_its_original_without_moving_anything_else(tmp_path: Path, op: str):
+    imgs = [{"stem": f"g{i:02d}", "group": f"g{i:02d}", "label": i % 2, "seed": 900 + i} for i in range(40)]
+    src = write_source(tmp_path / "in" / "flip", "flip", imgs)
+    plain = tmp_path / "plain"
+    assert run_splits([src], plain) == 0  # g33 is an unrelated radiograph here
+    before = {r["source_group"]: r["split"] for r in read_splits(plain)}
+    # the copy must sit in another split than its original in the plain build, or the test proves nothing
+    original = next(g for g in (f"g{i:02d}" for i in range(1, 40, 2)) if before[f"flip:{g}"] != before["flip:g33"])
+    cv2.imwrite(str(src / "images" / "g33.png"), reoriented((src / "images" / f"{original}.png").read_bytes(), op))
+    out = tmp_path / "out"
+    assert run_splits([src], out) == 0
+    rows = {r["source_group"]: r for r in read_splits(out)}
+    assert rows["flip:g33"]["group"] == rows[f"flip:{original}"]["group"]
+    order = ["train", "val", "test"]
+    earliest = min(before["flip:g33"], before[f"flip:{original}"], key=order.index)
+    assert rows["flip:g33"]["split"] == rows[f"flip:{original}"]["split"] == earliest
+    moved = {g for g, r in rows.items() if r["split"] != before[g]}
+    assert moved <= {"flip:g33", f"flip:{original}"} and len(moved) == 1  # every other image keeps its split
+    info = json.loads((out / "build_info.json").read_text())
+    assert info["reoriented_copy_pairs"] == 1 and len(info["moved_by_reoriented_copies"]) == 1
+    assert make_splits.main(["--verify", str(out)]) == 0
+
+
+def test_dihedral_pairs_ignore_look_alikes():
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=(6, make_splits.THUMB * make_splits.THUMB)).astype(np.float32)
+    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    mirrored = make_splits.dihedral_variants(base[:1])[5]  # one of the 8 orientations of image 0
+    prints = np.vstack([base, mirrored])
+    assert make_splits.near_duplicate_pairs(prints, 0.96) == []  # as the original check: orientation-blind
+    pairs = make_splits.near_duplicate_pairs(prints, 0.96, any_orientation=True)
+    assert [(i, j) for i, j, _ in pairs] == [(0, 6)] and pairs[0][2] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_verify_fingerprints_anew_and_finds_a_mirrored_copy_across_splits(sources: list[Path], tmp_path: Path, capsys):
+    out = tmp_path / "out"
+    assert run_splits(sources, out) == 0
+    rows = read_splits(out)
+    train_img = next(r for r in rows if r["split"] == "train" and r["source"] == "srcA")
+    victim = next(r for r in rows if r["split"] == "test" and r["source"] == "srcA")
+    (out / victim["path"]).unlink()  # a hard link: replace the file, never write through it into the input
+    cv2.imwrite(str(out / victim["path"]), reoriented((out / train_img["path"]).read_bytes(), "mirror"))
+    victim["sha256"] = make_splits.sha256_file(out / victim["path"])  # splits.csv agrees: only pixels can tell
+    with open(out / "splits.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert make_splits.main(["--verify", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert victim["path"] in err and train_img["path"] in err and "any orientation" in err
