@@ -206,15 +206,79 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def default_torch_threads() -> int:
-    """Torch CPU threads for training: one core fewer than available (as Ultralytics does).
+    """Torch CPU threads for a job that shares the machine: one core fewer than available (as Ultralytics does).
 
     On this 2-core machine, 2 OpenMP threads next to any other busy process (a data
     loader worker, another run) make every small op wait on a descheduled thread:
     measured 10-30x slower than 1 thread. Leaving a core free avoids that.
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, available_cores() - 1)
+
+
+class ThreadGovernor:
+    """Torch threads for a training loop: every core while the trainer has the machine to itself, one fewer
+    while other processes keep a core busy (2 OpenMP threads beside a busy process run 10-30x slower than 1).
+
+    `fixed` (the user's --threads) turns it off. `step()` is called once per batch; every `every` batches it
+    compares the machine's busy CPU time with this process tree's own (psutil) and switches with hysteresis.
+    """
+
+    def __init__(self, fixed: int | None = None, every: int = 10, busy_above: float = 0.5, idle_below: float = 0.25):
+        import torch
+
+        self.cores = available_cores()
+        self.fixed, self.every, self.busy_above, self.idle_below = fixed, every, busy_above, idle_below
+        self.threads = fixed or self.cores
+        self.switches = 0
+        self._count = 0
+        self._last: tuple[float, float, float] | None = None
+        torch.set_num_threads(self.threads)
+
+    def _sample(self) -> tuple[float, float, float]:
+        import psutil
+
+        t = psutil.cpu_times()
+        busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+        own = 0.0
+        me = psutil.Process()
+        for proc in (me, *me.children(recursive=True)):
+            try:
+                c = proc.cpu_times()
+                own += c.user + c.system
+            except psutil.Error:  # a loader worker that just ended
+                pass
+        return time.monotonic(), busy, own
+
+    def others_busy(self) -> float | None:
+        """Cores used by other processes since the last call (None on the first)."""
+        now = self._sample()
+        last, self._last = self._last, now
+        if last is None or now[0] - last[0] <= 0:
+            return None
+        return max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
+
+    def step(self) -> int:
+        import torch
+
+        if self.fixed or self.cores < 2:
+            return self.threads
+        self._count += 1
+        if self._count % self.every:
+            return self.threads
+        others = self.others_busy()
+        if others is None:
+            return self.threads
+        want = self.cores - 1 if others > self.busy_above else self.cores if others < self.idle_below else self.threads
+        if want != self.threads:
+            self.threads = want
+            self.switches += 1
+            torch.set_num_threads(want)
+        return self.threads
 
 
 def git_commit() -> str:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -38,14 +39,14 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inference import DISCLAIMER, display_image, load_image  # noqa: E402
+from inference import DISCLAIMER, load_image, to_uint8  # noqa: E402
 from train import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_RUNS,
+    ThreadGovernor,
     TrainError,
     absolute,
     base_card,
-    default_torch_threads,
     display_path,
     evaluate_after_training,
     load_dataset,
@@ -67,7 +68,7 @@ from train import (  # noqa: E402
 )
 
 CHECKPOINT_FORMAT = "bone-r-torchvision-1"
-RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "device"}
+RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "device", "cache", "no_cache"}
 
 
 # --------------------------------------------------------------------------- data
@@ -79,13 +80,49 @@ class DetectionSet:
     Each image is decoded by `inference.load_image` (the tree is already harmonized,
     so nothing else is done to its pixels), downscaled to `imgsz` on its long side
     (area interpolation; the model's transform then only normalizes and jitters),
-    and optionally flipped.
+    and optionally flipped. With `cache_dir`, the downscaled pixels are kept there
+    (one .npy per image and size, keyed by the file's path, size and mtime), so later
+    epochs and runs read a few hundred KB instead of decoding the full-size PNG.
     """
 
-    def __init__(self, gt_images: list[Any], imgsz: int, *, train: bool, hflip: float = 0.0, vflip: float = 0.0):
+    def __init__(self, gt_images: list[Any], imgsz: int, *, train: bool, hflip: float = 0.0, vflip: float = 0.0,
+                 cache_dir: Path | None = None):
         self.items = gt_images
         self.imgsz, self.train, self.hflip, self.vflip = imgsz, train, hflip, vflip
         self.epoch_seed = 0
+        self.cache_dir = cache_dir
+        if cache_dir is not None:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def _cache_file(self, path: Path) -> Path | None:
+        import hashlib
+
+        if self.cache_dir is None:
+            return None
+        st = path.stat()
+        key = hashlib.sha1(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{self.imgsz}|area-v1".encode()).hexdigest()
+        return self.cache_dir / f"{key}.npy"
+
+    def gray(self, item: Any) -> np.ndarray:
+        """uint8 grayscale of the tree image, long side downscaled to imgsz (never upscaled)."""
+        import cv2
+
+        cached = self._cache_file(item.path)
+        if cached is not None and cached.is_file():
+            try:
+                return np.load(cached, allow_pickle=False)
+            except (OSError, ValueError):  # a torn or foreign file: rebuild it
+                pass
+        gray = to_uint8(load_image(item.path).pixels)
+        h, w = gray.shape[:2]
+        scale = min(1.0, self.imgsz / max(h, w))
+        if scale < 1.0:
+            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        if cached is not None:
+            tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
+            np.save(tmp, gray, allow_pickle=False)
+            os.replace(tmp, cached)
+        return gray
 
     def __len__(self) -> int:
         return len(self.items)
@@ -95,11 +132,8 @@ class DetectionSet:
         import cv2
 
         item = self.items[index]
-        rgb = display_image(load_image(item.path).pixels)
-        h, w = rgb.shape[:2]
-        scale = min(1.0, self.imgsz / max(h, w))
-        if scale < 1.0:
-            rgb = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        rgb = cv2.cvtColor(self.gray(item), cv2.COLOR_GRAY2RGB)
+        scale = rgb.shape[1] / item.width
         sx, sy = rgb.shape[1] / item.width, rgb.shape[0] / item.height
         boxes = np.asarray(item.boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
         return rgb, boxes, scale
@@ -161,6 +195,8 @@ def make_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
 
     arch, backbone = args.arch, args.backbone
     overrides = {} if args.fpn_channels is None else {"fpn_channels": args.fpn_channels}
+    if getattr(args, "init", None) is not None:
+        return init_from(args)
     if backbone == "effnet_lite0_fpn":
         if args.scratch:
             config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
@@ -212,6 +248,28 @@ def make_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     return build_model(config), config, f"scratch: ResNet-50-FPN (COCO/ImageNet weights could not be fetched: {reason})"
 
 
+def init_from(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
+    """A model with the weights of an earlier checkpoint (e.g. the bundled weights/bone-r-default.pth; float16
+    storage loads as float32), its architecture from that checkpoint's config, and a fresh schedule."""
+    from models.torchvision_det import build_model, default_config, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(args.init)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainError(f"--init: {err}") from None
+    config = dict(ckpt["config"])
+    if config.get("arch") != args.arch or config.get("backbone") != args.backbone:
+        raise TrainError(f"--init {display_path(args.init)} is {config.get('arch')} + {config.get('backbone')}; "
+                         f"pass --arch {config.get('arch')} --backbone {config.get('backbone')}")
+    config["imgsz"] = args.imgsz
+    # training-only settings come from today's defaults (they do not change the trained function)
+    fresh = default_config(config["arch"], config["backbone"], args.imgsz)
+    config.update({k: fresh[k] for k in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")})
+    model = build_model(config)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}, strict=True)
+    return model, config, f"{display_path(args.init)} (its weights, fine-tuned with a fresh warm-up + cosine schedule)"
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -248,6 +306,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["fasterrcnn", "retinanet", "fcos"], default="retinanet")
     p.add_argument("--backbone", choices=["effnet_lite0_fpn", "resnet50_fpn"], default="effnet_lite0_fpn")
     p.add_argument("--scratch", action="store_true", help="no pretrained weights (for the pretrained-vs-scratch comparison)")
+    p.add_argument("--init", type=Path, default=None, metavar="PTH",
+                   help="start from this checkpoint's weights (e.g. weights/bone-r-default.pth) with a fresh schedule")
     p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 128 for effnet_lite0_fpn, 256 for resnet50_fpn)")
     p.add_argument("--imgsz", type=int, default=512, help="long side the model sees (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=24)
@@ -262,8 +322,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fraction", type=float, default=1.0, help="train on this seeded fraction of the train split")
     p.add_argument("--val-fraction", type=float, default=1.0, help="validate on this seeded fraction of the val split")
     p.add_argument("--max-images", type=int, default=None, help="at most this many train (and val) images")
-    p.add_argument("--workers", type=int, default=2, help="data loader workers (<= 2 on this machine)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: available cores - 1)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="data loader workers (default 0: with the resize cache, loading costs less than a core lost to it)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: every core, one fewer while another process keeps a core busy)")
+    p.add_argument("--cache", type=Path, default=ROOT / "cache" / "train-images",
+                   help="keep images downscaled to --imgsz here for later epochs and runs (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true", help="decode and downscale every image every epoch")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--project", type=Path, default=DEFAULT_RUNS)
@@ -289,6 +354,10 @@ def _check(args: argparse.Namespace) -> None:
         raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1]")
     if args.workers < 0 or (args.stop_after is not None and args.stop_after < 1):
         raise TrainError("--workers must be >= 0 and --stop-after >= 1")
+    if args.threads is not None and args.threads < 1:
+        raise TrainError(f"--threads must be >= 1, got {args.threads}")
+    if args.init is not None and (args.scratch or args.resume):
+        raise TrainError("--init starts a new run from a checkpoint's weights: not with --scratch or --resume")
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
@@ -321,7 +390,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             (run_dir / "train_log.csv").unlink()
         ckpt = None
         run = None
-    torch.set_num_threads(args.threads or default_torch_threads())
+    governor = ThreadGovernor(args.threads)
     seed_everything(args.seed)
     device = torch.device("cuda" if (args.device.startswith("cuda") or args.device.isdigit()) and torch.cuda.is_available() else "cpu")
     train_gt, train_notes = load_split(args.data, "train", args.fraction, args.max_images, args.seed)
@@ -349,8 +418,9 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     if ckpt is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
     (run_dir / "weights").mkdir(exist_ok=True)
-    train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip)
-    val_set = DetectionSet(val_gt.images, args.imgsz, train=False)
+    cache = None if args.no_cache else Path(args.cache) / f"long{args.imgsz}"
+    train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip, cache_dir=cache)
+    val_set = DetectionSet(val_gt.images, args.imgsz, train=False, cache_dir=cache)
     from models.torchvision_det import set_model_size
 
     sizes = sorted({max(64, round(args.imgsz * s / 32) * 32) for s in np.linspace(args.scale_min, 1.0, 6)})
@@ -378,6 +448,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * iters_per_epoch + i, total_iters, warmup, args.lr)
             set_model_size(model, int(rng.choice(sizes)))
+            governor.step()
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             losses = model(images, targets)
@@ -407,6 +478,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                "val_mAP50": float("nan") if map50 is None else map50,
                "val_mAP50_95": float("nan") if metrics.get("map50_95") is None else metrics["map50_95"],
                "lr": optimizer.param_groups[0]["lr"], "skipped_batches": skipped,
+               "threads": governor.threads, "thread_switches": governor.switches,
                "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, len(train_set)), 4),
                "seconds": round(seconds, 2)}
         if score > best_score:
@@ -440,7 +512,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     card_path = write_card(best, card)
     print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
           f"(val mAP50 {best_row.get('val_mAP50')}); weights {display_path(best)}, card {display_path(card_path)}")
-    rc = evaluate_after_training(best, args.data, torch.get_num_threads()) if args.evaluate else 0
+    rc = evaluate_after_training(best, args.data, governor.threads) if args.evaluate else 0
     if not args.evaluate:
         print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
     print(DISCLAIMER)

@@ -56,16 +56,18 @@ def build_detector(name: str, weights: str | Path, **kwargs: Any) -> Detector:
 
 
 def infer_backend(weights: str | Path, card: dict[str, Any] | None = None) -> str:
-    """The backend for a weights file: the model card's word first, then the file type."""
-    if card and card.get("backend"):
-        return str(card["backend"])
+    """The backend for a weights file: an ONNX file or a torchvision checkpoint names its own kind (the card
+    beside it may describe the bundle's ONNX export, e.g. weights/bone-r-default.{onnx,pth}); else the card's word,
+    then the file type."""
     suffix = Path(weights).suffix.lower()
     if suffix == ".onnx":
         return "onnx"
-    if suffix == ".pt":
-        return "yolo"
     if suffix == ".pth":  # train_torchvision.py checkpoints: their config names the detector
         from models.torchvision_det import checkpoint_arch
 
         return checkpoint_arch(weights)
+    if card and card.get("backend"):
+        return str(card["backend"])
+    if suffix == ".pt":
+        return "yolo"
     raise ValueError(f"cannot tell the backend of {weights}; pass --backend ({', '.join(available_backends())})")

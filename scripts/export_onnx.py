@@ -164,6 +164,7 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
     import torch
     import torchvision
 
+    from models.backbones import unfold_frozen_norms
     from models.onnx import FORMAT_KEY, TORCHVISION_FORMAT, make_session
     from models.torchvision_det import (
         OnnxExportWrapper,
@@ -182,7 +183,7 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
     opset = int(opset or TORCHVISION_OPSET)
     if opset < 16:
         raise ExportError(f"torchvision exports need opset >= 16 (RoiAlign's half-pixel modes), got {opset}")
-    model = model_from_checkpoint(ckpt)
+    model = unfold_frozen_norms(model_from_checkpoint(ckpt))  # each conv's own weights in the graph (float16 storage)
     wrapper = OnnxExportWrapper(model).eval()
     # a portrait, not a multiple of 32: the trace then covers the padding and the clipping to a non-square image
     example = torch.rand(1, 3, trained, max(32, round(trained * 0.8) + 3), generator=torch.Generator().manual_seed(0))

@@ -136,7 +136,7 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
 
     yaml_path = phantom_tree(tmp_path / "tree", n=12)
     runs = tmp_path / "runs"
-    common = ["--project", str(runs), "--name", "tv", "--quiet"]
+    common = ["--project", str(runs), "--name", "tv", "--quiet", "--cache", str(tmp_path / "cache")]
     rc = main(["--data", str(yaml_path), "--arch", "retinanet", "--imgsz", "128", "--epochs", "2", "--stop-after", "1",
                "--batch", "2", "--workers", "0", "--seed", "1", *common])
     assert rc == 0
@@ -173,3 +173,117 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     assert set(card["thresholds"]) == {"screening", "balanced", "specific"}
     assert card["metrics"]["split"] == "test" and 0 <= card["metrics"]["box"]["map50"] <= 1
     assert (run / "evaluate" / "best_test.json").is_file()  # the report stays in the run folder
+
+
+# --------------------------------------------------------------------------- training throughput and --init
+
+
+def _frozen_effnet_model(monkeypatch=None, fold: bool = True):
+    import models.backbones as backbones
+    from models.torchvision_det import build_model, default_config
+
+    if not fold:
+        monkeypatch.setattr(backbones, "fold_frozen_norms", lambda net: net)
+    torch.manual_seed(0)
+    config = default_config("fasterrcnn", "effnet_lite0_fpn", 128, frozen_bn=True, freeze_blocks=3)
+    return build_model(config, pretrained_backbone=True), config
+
+
+def test_folded_frozen_norms_keep_the_function_the_gradients_and_the_state_dict(monkeypatch):
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from models.backbones import NormFoldedConv2d
+
+    folded, _ = _frozen_effnet_model()
+    plain, _ = _frozen_effnet_model(monkeypatch, fold=False)
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(folded.state_dict())
+    plain.eval(), folded.eval()  # no random drop-connect; gradients still flow
+    assert sum(isinstance(m, NormFoldedConv2d) for m in folded.modules()) == 1 + 1 * 2 + 15 * 3  # stem, block 0, 15 blocks
+    assert not any(type(m) is FrozenBatchNorm2d for m in folded.backbone.body.modules())
+    x = torch.rand(2, 3, 96, 128)
+    ref, out = plain.backbone(x), folded.backbone(x)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key], rtol=1e-4, atol=1e-4)
+    # the same gradient reaches a trainable convolution's weight
+    grads = []
+    for model in (plain, folded):
+        model.zero_grad()
+        sum(v.square().mean() for v in model.backbone(x).values()).backward()
+        grads.append(model.backbone.body.blocks[10]._expand_conv.weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+
+
+def test_resize_cache_gives_the_decoded_pixels_and_survives_a_torn_file(tmp_path):
+    from train_torchvision import DetectionSet, load_split
+
+    yaml_path = phantom_tree(tmp_path / "t", n=6, size=(300, 240))
+    gt, _ = load_split(yaml_path, "train", 1.0, None, 0)
+    plain = DetectionSet(gt.images, 128, train=False)
+    cached = DetectionSet(gt.images, 128, train=False, cache_dir=tmp_path / "cache")
+    for i in range(len(gt.images)):
+        rgb, boxes, scale = plain.load(i)
+        for _ in range(2):  # filling the cache, then reading it
+            rgb2, boxes2, scale2 = cached.load(i)
+            assert np.array_equal(rgb2, rgb) and np.allclose(boxes2, boxes) and scale2 == scale
+        assert max(rgb.shape[:2]) == 128
+    files = sorted((tmp_path / "cache").glob("*.npy"))
+    assert len(files) == len(gt.images)
+    files[0].write_bytes(b"torn")
+    assert any(np.array_equal(cached.gray(im), plain.gray(im)) for im in gt.images)
+    assert all(np.load(f).ndim == 2 for f in files)  # the torn file was rebuilt
+
+
+def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
+    from train import ThreadGovernor
+
+    monkeypatch.setattr("train.available_cores", lambda: 2)
+    fixed = ThreadGovernor(1, every=1)
+    gov = ThreadGovernor(None, every=1)
+    assert fixed.threads == 1 and gov.threads == 2
+    loads = iter([None, 0.1, 0.9, 0.4, 0.4, 0.1, 0.0])
+    monkeypatch.setattr(gov, "others_busy", lambda: next(loads))
+    seen = [gov.step() for _ in range(7)]
+    # busy (0.9) -> 1 thread; 0.4 is between the marks (hysteresis): stays; idle again (0.1) -> 2
+    assert seen == [2, 2, 1, 1, 1, 2, 2] and gov.switches == 2
+    assert torch.get_num_threads() == 2
+    monkeypatch.setattr(fixed, "others_busy", lambda: 0.9)
+    assert fixed.step() == 1 and fixed.switches == 0
+
+
+def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path):
+    import argparse
+
+    from train import TrainError
+    from train_torchvision import init_from
+
+    model, config = _frozen_effnet_model()
+    path = tmp_path / "start.pth"
+    torch.save({"format": "bone-r-torchvision-1", "config": config,
+                "model": {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}}, path)
+    args = argparse.Namespace(init=path, arch="fasterrcnn", backbone="effnet_lite0_fpn", imgsz=160)
+    started, new_config, note = init_from(args)
+    assert new_config["imgsz"] == 160 and new_config["rpn_post_nms_top_n_train"] == 500 and "fresh" in note
+    for key, value in model.state_dict().items():
+        got = started.state_dict()[key]
+        assert got.dtype == value.dtype
+        if value.is_floating_point():
+            torch.testing.assert_close(got, value.half().float())
+    with pytest.raises(TrainError, match="pass --arch fasterrcnn"):
+        init_from(argparse.Namespace(init=path, arch="retinanet", backbone="effnet_lite0_fpn", imgsz=160))
+
+
+def test_bundled_pytorch_weights_are_the_onnx_models_weights(tmp_path):
+    """weights/bone-r-default.pth is scripts/onnx_to_pth.py's recovery of the bundled ONNX, stored as float16."""
+    from models import infer_backend
+    from scripts.onnx_to_pth import recover_state
+
+    bundled = Path(__file__).resolve().parents[1] / "weights"
+    card = json.loads((bundled / "bone-r-default.json").read_text())
+    shipped = torch.load(bundled / "bone-r-default.pth", map_location="cpu", weights_only=True)
+    recovered = recover_state(bundled / "bone-r-default.onnx", card["model_config"])
+    assert shipped["config"] == card["model_config"] and set(shipped["model"]) == set(recovered)
+    for key, value in recovered.items():
+        assert torch.equal(shipped["model"][key], value.half() if value.is_floating_point() else value), key
+    # the card beside it describes the ONNX export; the .pth still loads as what it is
+    assert card["backend"] == "onnx" and infer_backend(bundled / "bone-r-default.pth", card) == "fasterrcnn"

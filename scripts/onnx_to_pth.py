@@ -1,0 +1,158 @@
+"""Recover a torchvision checkpoint (weights/*.pth) from its own ONNX export, to continue training from it.
+
+    python scripts/onnx_to_pth.py --onnx weights/bone-r-default.onnx --out weights/bone-r-default.pth [--fp16]
+
+`scripts/export_onnx.py` keeps every trainable tensor under its state-dict name
+(``model.<key>``), but ONNX export folds each FrozenBatchNorm2d into one Mul and
+one Add constant after its convolution (scale = w / sqrt(var + eps), shift =
+b - mean * scale). Those are read back from the graph (the Mul/Add that follow
+the convolution the norm layer belongs to) and stored as an exactly equivalent
+frozen norm: weight = scale, bias = shift, mean = 0, var = 1 - eps. The model
+config comes from the card beside the ONNX file. The result is checked: the
+rebuilt PyTorch model and the ONNX file must give the same outputs on a
+synthetic image (`--check`, on by default).
+
+``--fp16`` stores the tensors as float16 (half the bytes; they load as float32,
+so the predictions move by float16 rounding: fine to fine-tune from, not to
+replace the ONNX file). Research and teaching tool, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+# EfficientNet-Lite's norm layers and the convolution each one follows (package naming)
+CONV_BEFORE_NORM = {"bn0": "conv_stem", "_bn0": "_expand_conv", "_bn1": "_depthwise_conv", "_bn2": "_project_conv"}
+
+
+class RecoverError(Exception):
+    pass
+
+
+def folded_norms(graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """conv weight name -> (scale, shift) of the Mul/Add pair that follows that convolution."""
+    from onnx import numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def const_input(node) -> np.ndarray | None:
+        values = [consts[n] for n in node.input if n in consts]
+        return values[0] if len(values) == 1 else None
+
+    out = {}
+    for node in graph.node:
+        if node.op_type != "Conv" or len(node.input) < 2 or not node.input[1].startswith("model."):
+            continue
+        nxt = consumers.get(node.output[0], [])
+        if len(nxt) != 1 or nxt[0].op_type != "Mul":
+            continue
+        mul = nxt[0]
+        after = consumers.get(mul.output[0], [])
+        scale = const_input(mul)
+        if scale is None or len(after) != 1 or after[0].op_type != "Add" or const_input(after[0]) is None:
+            continue
+        out[node.input[1]] = (scale.reshape(-1), const_input(after[0]).reshape(-1))
+    return out
+
+
+def recover_state(onnx_path: Path, config: dict) -> dict:
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    from models.torchvision_det import build_model
+
+    graph = onnx.load(str(onnx_path)).graph
+    named = {i.name[len("model."):]: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("model.")}
+    norms = folded_norms(graph)
+    model = build_model(config)
+    state = model.state_dict()
+    eps = {name: float(m.eps) for name, m in model.named_modules() if hasattr(m, "running_var") and hasattr(m, "eps")}
+    recovered, missing = {}, []
+    for key, ref in state.items():
+        prefix, _, leaf = key.rpartition(".")
+        if key in named:
+            value = torch.from_numpy(named[key].copy())
+        elif prefix in eps:
+            parent, _, norm = prefix.rpartition(".")
+            pair = norms.get(f"model.{parent}.{CONV_BEFORE_NORM.get(norm)}.weight")
+            if pair is None:
+                missing.append(key)
+                continue
+            scale, shift = pair
+            value = torch.from_numpy({"weight": scale, "bias": shift, "running_mean": np.zeros_like(scale),
+                                      "running_var": np.full_like(scale, 1.0 - eps[prefix])}[leaf].copy())
+        else:
+            missing.append(key)
+            continue
+        if value.shape != ref.shape:
+            raise RecoverError(f"{key}: shape {tuple(value.shape)} in the ONNX file, {tuple(ref.shape)} in the model")
+        recovered[key] = value.to(ref.dtype)
+    if missing:
+        raise RecoverError(f"{len(missing)} tensor(s) not found in {onnx_path.name}, e.g. {missing[:3]}")
+    return recovered
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--onnx", type=Path, required=True, help="an ONNX file written by scripts/export_onnx.py from a torchvision checkpoint")
+    p.add_argument("--card", type=Path, default=None, help="its model card (default: the .json beside it)")
+    p.add_argument("--out", type=Path, required=True, help="the checkpoint to write (.pth)")
+    p.add_argument("--fp16", action="store_true", help="store float16 tensors (load as float32)")
+    p.add_argument("--check", type=Path, nargs="*", default=[], metavar="IMAGE",
+                   help="compare the written checkpoint's boxes with the ONNX file's on these images (export_onnx's check)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    from train import save_checkpoint
+
+    card_path = args.card or args.onnx.with_suffix(".json")
+    try:
+        card = json.loads(card_path.read_text())
+        config = card["model_config"]
+        state = recover_state(args.onnx, config)
+    except (OSError, ValueError, KeyError) as err:
+        print(f"onnx_to_pth: error: cannot read {card_path} or {args.onnx}: {err}", file=sys.stderr)
+        return 2
+    except RecoverError as err:
+        print(f"onnx_to_pth: error: {err}", file=sys.stderr)
+        return 2
+    if args.fp16:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(args.out, {"format": "bone-r-torchvision-1", "model": state, "config": config,
+                               "epoch": int(card.get("training", {}).get("epochs", 0)),
+                               "recovered_from": args.onnx.name, "stored_dtype": "float16" if args.fp16 else "float32"})
+    print(f"onnx_to_pth: {len(state)} tensors -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
+    if args.check:
+        from scripts.export_onnx import check_against_pytorch
+
+        rows = check_against_pytorch(args.out, args.onnx, args.check, conf=0.05, score_tol=0.02 if args.fp16 else 1e-4)
+        for row in rows:
+            print(json.dumps(row))
+        same = sum(bool(row.get("ok")) for row in rows)
+        worst = max((row["max_score_diff"] or 0.0 for row in rows), default=0.0)
+        print(f"onnx_to_pth: {same}/{len(rows)} image(s) give the ONNX file's boxes; max score difference {worst:.6f}")
+        if same < len(rows) and not args.fp16:  # float16 rounding may flip a near-tie in NMS; float32 must match
+            print("onnx_to_pth: error: the checkpoint's boxes differ from the ONNX file's", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
