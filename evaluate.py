@@ -762,9 +762,25 @@ def bootstrap_counts(counts: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
     return out
 
 
+# Intervals at small n: below MIN_INTERVAL_N cases no interval is given ("too few"); below MIN_BOOTSTRAP_N, or when
+# the bootstrap collapses to one value (e.g. 3/3 positives found), the Wilson score interval of the counts is used.
+MIN_INTERVAL_N = 5
+MIN_BOOTSTRAP_N = 30
+DENOMINATORS = {"sensitivity": ("tp", "fn"), "specificity": ("tn", "fp"), "ppv": ("tp", "fp"), "npv": ("tn", "fn")}
+
+
+def wilson_interval(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score 95% interval of k successes in n trials (never degenerate, stays in [0, 1])."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def confusion_metrics(labels: Sequence[Any], predicted: Sequence[Any], groups: Sequence[Any] | None = None,
                       n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED) -> dict[str, Any]:
-    """TP/FP/TN/FN and sensitivity, specificity, PPV, NPV with group-bootstrap 95% intervals."""
+    """TP/FP/TN/FN and sensitivity, specificity, PPV, NPV with 95% intervals: the group bootstrap, or Wilson's at
+    small n (see MIN_BOOTSTRAP_N), or none below MIN_INTERVAL_N; each entry's `ci_method` says which."""
     labels = np.asarray(labels, dtype=bool)
     predicted = np.asarray(predicted, dtype=bool)
     gidx = _group_index(groups, len(labels))
@@ -786,13 +802,21 @@ def confusion_metrics(labels: Sequence[Any], predicted: Sequence[Any], groups: S
             out[name] = {"value": None, "ci": None, "note": UNDEFINED_WHY[name]}
             continue
         entry: dict[str, Any] = {"value": round(value, 6), "ci": None}
+        hit, miss = (out[k] for k in DENOMINATORS[name])
+        n = hit + miss
         if boot is not None:
             samples = boot[name][~np.isnan(boot[name])]
             if samples.size:
                 lo, hi = np.percentile(samples, [2.5, 97.5])
-                entry["ci"] = [round(float(lo), 6), round(float(hi), 6)]
+                entry["ci"], entry["ci_method"] = [round(float(lo), 6), round(float(hi), 6)], "group bootstrap"
             if samples.size < n_boot:
                 entry["n_boot_defined"] = int(samples.size)
+            if n < MIN_INTERVAL_N:
+                entry["ci"], entry["ci_method"] = None, None
+                entry["note"] = f"too few (n={n}) for an interval"
+            elif n < MIN_BOOTSTRAP_N or entry["ci"] is None or entry["ci"][0] == entry["ci"][1]:
+                entry["ci"] = [round(v, 6) for v in wilson_interval(hit, n)]
+                entry["ci_method"] = "wilson"
         out[name] = entry
     return out
 
@@ -980,20 +1004,42 @@ def jsonable(obj: Any) -> Any:
 
 
 def _breakdown(gt: GroundTruth, preds: Sequence[ImagePrediction | None], scores: np.ndarray, ops: dict[str, dict], attr: str,
-               n_boot: int, seed: int, max_dets: int) -> dict[str, Any]:
+               n_boot: int, seed: int, max_dets: int, one_per_group: bool = False) -> dict[str, Any]:
+    """Metrics per value of `attr` (source or region), each with its own ROC AUC. `one_per_group`: each group
+    (a radiograph's augmented copies, near-duplicates) counts once, by its first image in file-name order."""
     values = sorted({getattr(im, attr) for im in gt.images})
     out = {}
     for value in values:
         idx = [i for i, im in enumerate(gt.images) if getattr(im, attr) == value]
+        if one_per_group:
+            first: dict[str, int] = {}
+            for i in sorted(idx, key=lambda i: gt.images[i].key):
+                first.setdefault(gt.images[i].group, i)
+            idx = sorted(first.values())
         sub = gt.subset(idx)
         sub_preds = [preds[i] for i in idx]
         box = box_metrics(sub, sub_preds, max_dets)
         box.pop("pr_iou50", None)
+        auc = roc_auc(sub.labels, scores[idx])
         out[value] = {
             "n_images": len(idx), "n_positive": sub.n_positive, "n_gt_boxes": box["n_gt_boxes"], "box": box,
+            "image_auc": None if auc is None else round(auc, 6),
             "image_level": {mode: image_level(sub.labels, scores[idx], op["threshold"], sub.groups, n_boot, seed) for mode, op in ops.items()},
         }
     return out
+
+
+def mean_over(parts: dict[str, Any], mode: str = "balanced") -> dict[str, Any]:
+    """The unweighted mean over sources of what each defines (a source with one class has no AUC or specificity)."""
+    def mean(values: list[float | None]) -> dict[str, Any]:
+        got = [v for v in values if v is not None]
+        return {"value": round(float(np.mean(got)), 6) if got else None, "n_sources": len(got)}
+
+    return {"image_auc": mean([p["image_auc"] for p in parts.values()]),
+            "map50": mean([p["box"].get("map50") for p in parts.values()]),
+            "sensitivity": mean([p["image_level"][mode]["sensitivity"]["value"] for p in parts.values()]),
+            "specificity": mean([p["image_level"][mode]["specificity"]["value"] for p in parts.values()]),
+            "mode": mode}
 
 
 def evaluate_predictions(gt: GroundTruth, preds: Sequence[ImagePrediction | None], operating_points: dict[str, Any], *,
@@ -1021,6 +1067,7 @@ def evaluate_predictions(gt: GroundTruth, preds: Sequence[ImagePrediction | None
         "image_level": {mode: image_level(labels, scores, op["threshold"], groups, n_boot, seed) for mode, op in ops.items()},
         "localization": {"iou": iou} | {mode: localization_metrics(gt, preds, op["threshold"], iou, n_boot, seed) for mode, op in ops.items()},
         "froc": froc(gt, preds, iou, list(FROC_THRESHOLDS) + [op["threshold"] for op in ops.values()]),
+        "boxes_per_flagged_image": {mode: boxes_per_flagged_image(preds, op["threshold"]) for mode, op in ops.items()},
         "pr_curve": {"image": image_pr_curve(labels, scores), "box_iou50": pr_box},
         "settings": {"n_boot": n_boot, "seed": seed, "iou": iou, "max_dets": max_dets, "min_score": DEFAULT_MIN_SCORE},
         "errors": [],
@@ -1033,7 +1080,70 @@ def evaluate_predictions(gt: GroundTruth, preds: Sequence[ImagePrediction | None
     if breakdown:
         report["by_source"] = _breakdown(gt, preds, scores, ops, "source", n_boot, seed, max_dets)
         report["by_region"] = _breakdown(gt, preds, scores, ops, "region", n_boot, seed, max_dets)
+        # the headline: each radiograph once (Roboflow's augmented copies and near-duplicates share a group)
+        report["by_source_radiographs"] = _breakdown(gt, preds, scores, ops, "source", n_boot, seed, max_dets, one_per_group=True)
+        report["mean_over_sources"] = mean_over(report["by_source_radiographs"])
     return jsonable(report)
+
+
+def boxes_per_flagged_image(preds: Sequence[ImagePrediction | None], threshold: float) -> dict[str, Any]:
+    """How many boxes a reader sees on each image the model flags (at least one box >= threshold)."""
+    counts = np.array([int((p.scores >= threshold).sum()) for p in preds if p is not None and p.max_score >= threshold])
+    if not len(counts):
+        return {"n_flagged": 0, "median": None, "p90": None, "max": None}
+    return {"n_flagged": int(len(counts)), "median": float(np.median(counts)), "p90": float(np.percentile(counts, 90)),
+            "max": int(counts.max())}
+
+
+# Candidates searched by `choose_box_rule`: class-agnostic NMS IoU x containment x boxes per image.
+BOX_RULE_GRID = {"nms_iou": (None, 0.5, 0.4, 0.3), "contained": (None, 0.8, 0.6), "max_boxes": (None, 5, 3, 2)}
+BOX_RULE_MAX_P90 = 3  # the reader's budget: 90% of flagged images show at most this many boxes (balanced mode)
+
+
+def apply_box_rule(records: Sequence[dict[str, Any]], rule: inference.BoxRule) -> list[dict[str, Any]]:
+    """Records (results.json) with `rule` applied to each image's detections (new dicts; inputs untouched)."""
+    out = []
+    for rec in records:
+        dets = rec.get("detections")
+        if not dets:
+            out.append(rec)
+            continue
+        keep = rule.keep(np.array([d["xyxy"] for d in dets], dtype=np.float64), np.array([d["score"] for d in dets]))
+        out.append(rec | {"detections": [dets[i] for i in keep]})
+    return out
+
+
+def choose_box_rule(gt: GroundTruth, preds: Sequence[ImagePrediction | None],
+                    max_p90: float = BOX_RULE_MAX_P90) -> tuple[inference.BoxRule, list[dict[str, Any]]]:
+    """The box rule for a model, chosen on validation predictions made without one.
+
+    Each candidate of BOX_RULE_GRID is scored by val mAP@0.5 and by the 90th percentile of boxes per flagged image at
+    the balanced threshold (chosen on val: the rule never removes an image's top box, so image scores and
+    thresholds do not change). Chosen: the best mAP@0.5 among candidates within `max_p90`, the simpler on ties;
+    when none fits, the smallest p90. Returns (rule, the table of every candidate)."""
+    import itertools
+
+    scores = image_scores(preds)
+    threshold = choose_operating_points(gt.labels, scores)["balanced"]["threshold"]
+    table = []
+    for nms_iou, contained, max_boxes in itertools.product(*BOX_RULE_GRID.values()):
+        rule = inference.BoxRule(nms_iou, contained, max_boxes)
+        ruled = []
+        for p in preds:
+            keep = rule.keep(p.boxes, p.scores) if p is not None and len(p.scores) else None
+            ruled.append(p if keep is None else ImagePrediction(p.boxes[keep], p.scores[keep]))
+        per_image = boxes_per_flagged_image(ruled, threshold)
+        table.append({"rule": rule.to_dict(), "map50": box_metrics(gt, ruled)["map50"], "p90": per_image["p90"],
+                      "median": per_image["median"], "max": per_image["max"]})
+    simplicity = [sum(v is not None for v in row["rule"].values()) for row in table]
+    fits = [i for i, row in enumerate(table) if row["p90"] is None or row["p90"] <= max_p90]
+    if fits:
+        best = max(fits, key=lambda i: (table[i]["map50"] or 0.0, -simplicity[i]))
+    else:
+        best = min(range(len(table)), key=lambda i: (table[i]["p90"], -(table[i]["map50"] or 0.0), simplicity[i]))
+    for i, row in enumerate(table):
+        row["chosen"] = i == best
+    return inference.BoxRule(**table[best]["rule"]), table
 
 
 def _is_predictor(obj: Any) -> bool:
@@ -1106,7 +1216,8 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
                    target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY, target_specificity: float = DEFAULT_TARGET_SPECIFICITY,
                    n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, iou: float = DEFAULT_LOC_IOU,
                    allow_missing: bool = False, min_score: float = DEFAULT_MIN_SCORE, progress: bool = True,
-                   record_bases: Sequence[Path] = (), keep_records: bool = False, harmonize: str = "auto") -> dict[str, Any]:
+                   record_bases: Sequence[Path] = (), keep_records: bool = False, harmonize: str = "auto",
+                   box_rule: str = "card") -> dict[str, Any]:
     """Score a split: `predictions` is an `inference.Predictor` (every image is predicted first)
     or a list of records (results.json). Thresholds: `thresholds` if given, else chosen on
     `val_split` (the records must then cover the val images too).
@@ -1120,8 +1231,24 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
     """
     gt = load_ground_truth(data_yaml, split)
     val_gt = None if thresholds is not None else load_ground_truth(data_yaml, val_split)
+    if val_gt is not None and val_split != split:
+        shared = {im.path.resolve() for im in gt.images} & {im.path.resolve() for im in val_gt.images}
+        if shared:
+            raise EvaluationError(f"the '{val_split}' and '{split}' splits of {inference.display_path(data_yaml)} share "
+                                  f"{len(shared)} of {len(gt)} image(s) (e.g. {inference.display_path(min(shared))}): thresholds "
+                                  f"chosen on the scored images would be optimistic; point '{val_split}' at other images, or "
+                                  f"pass --val-split {split} to choose on the scored split knowingly")
     notes: list[str] = []
+    if box_rule not in ("card", "none", "choose"):
+        raise EvaluationError(f"box_rule must be card, none or choose, got {box_rule!r}")
+    if box_rule == "choose" and (not _is_predictor(predictions) or val_gt is None or val_split == split):
+        raise EvaluationError("choosing a box rule needs a model (--weights) and a val split other than the scored one, "
+                              "without fixed --thresholds")
+    rule_report: dict[str, Any] | None = None
     if _is_predictor(predictions):
+        if box_rule != "card":
+            predictions.box_rule = inference.BoxRule()
+        rule_report = {"rule": predictions.box_rule.to_dict(), "source": "none" if box_rule == "none" else "model_card"}
         _, notes = harmonization_for(predictions, gt, harmonize)
         records = predict_split(predictions, gt, min_score, progress, harmonize)
         if val_gt is not None and val_split != split:
@@ -1140,6 +1267,12 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
             raise EvaluationError(f"no predictions for the '{val_split}' split, so no thresholds can be chosen: "
                                   "predict the val images too (--val-predictions), or pass --thresholds CARD.json")
         val_errors = [f"{val_split}: {e}" for e in errs + (_missing(val_gt, val_preds, errs) if val_split != split else [])]
+        if box_rule == "choose":
+            rule, table = choose_box_rule(val_gt, val_preds)
+            predictions.box_rule = rule
+            rule_report = {"rule": rule.to_dict(), "source": val_split, "max_p90": BOX_RULE_MAX_P90, "search": table}
+            # the rule keeps each image's top box, so the val image scores (and thresholds) stay as they are
+            records, test_records = apply_box_rule(records, rule), apply_box_rule(test_records, rule)
         try:
             ops = choose_operating_points(val_gt.labels, image_scores(val_preds), target_sensitivity, target_specificity)
         except ValueError as err:
@@ -1151,6 +1284,8 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
     report["settings"].update(min_score=min_score, targets={"sensitivity": target_sensitivity, "specificity": target_specificity},
                               val_split=val_split if val_gt is not None else None)
     report["notes"] += notes
+    if rule_report is not None:
+        report["box_rule"] = rule_report
     if val_gt is not None:
         report["val"] = {"split": val_split, "n_images": len(val_gt), "n_positive": val_gt.n_positive}
     if keep_records:
@@ -1169,7 +1304,7 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
     def part(entry: dict[str, Any]) -> dict[str, Any]:
         return {"n_images": entry["n_images"], "n_positive": entry["n_positive"], "n_gt_boxes": entry.get("n_gt_boxes"),
-                "box": {k: entry["box"].get(k) for k in ("map50", "map50_95")},
+                "box": {k: entry["box"].get(k) for k in ("map50", "map50_95")}, "image_auc": entry.get("image_auc"),
                 "image_level": {m: slim(v) for m, v in entry["image_level"].items()}}
 
     return {
@@ -1179,6 +1314,9 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "image_auc": report.get("image_auc"),
         "image_level": {m: slim(v) for m, v in report["image_level"].items()},
         "localization": report.get("localization"),
+        "boxes_per_flagged_image": report.get("boxes_per_flagged_image"),
+        "by_source_radiographs": {k: part(v) for k, v in report.get("by_source_radiographs", {}).items()},
+        "mean_over_sources": report.get("mean_over_sources"),
         "by_source": {k: part(v) for k, v in report.get("by_source", {}).items()},
         "by_region": {k: part(v) for k, v in report.get("by_region", {}).items()},
         "bootstrap": {"n_boot": report["settings"]["n_boot"], "seed": report["settings"]["seed"], "resampled": "groups"},
@@ -1186,7 +1324,8 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_report: dict[str, Any]) -> dict[str, Any]:
+def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_report: dict[str, Any],
+                      box_rule: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the val-chosen `thresholds` and the test `metrics` into the card, keeping every other key.
 
     `val_report` is a report (its `operating_points` are used) or the operating points
@@ -1214,6 +1353,9 @@ def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_re
         entry["chosen_on"] = op.get("chosen_on", op.get("source", "val"))
         thresholds[mode] = entry
     card["thresholds"] = thresholds
+    if box_rule is not None and box_rule.get("source") != "model_card":  # chosen now, or explicitly none
+        card["box_rule"] = box_rule["rule"]
+        card["box_rule_chosen_on"] = box_rule["source"]
     card["metrics"] = card_metrics(test_report)
     if test_report.get("settings", {}).get("val_split"):
         card["metrics"]["val_split"] = test_report["settings"]["val_split"]
@@ -1284,38 +1426,52 @@ def _fmt(entry: dict[str, Any] | None) -> str:
     if not entry or entry.get("value") is None:
         return "n/a"
     ci = entry.get("ci")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else "")
+    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else f" ({entry['note']})" if entry.get("note") else "")
 
 
 def _num(x: float | None, digits: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{digits}f}"
 
 
+def _part_table(title: str, parts: dict[str, Any]) -> list[str]:
+    lines = ["", title, f"{'':<22} {'images':>7} {'pos':>5} {'boxes':>6} {'mAP50':>6} {'AUC':>6} "
+                        f"{'sensitivity [95% CI]':<32} {'specificity [95% CI]':<32}"]
+    for name, part in parts.items():
+        bal = part["image_level"].get("balanced") or next(iter(part["image_level"].values()))
+        lines.append(f"{name[:22]:<22} {part['n_images']:>7} {part['n_positive']:>5} {part['n_gt_boxes']:>6} "
+                     f"{_num(part['box']['map50']):>6} {_num(part.get('image_auc')):>6} {_fmt(bal['sensitivity']):<32} "
+                     f"{_fmt(bal['specificity']):<32}")
+    return lines
+
+
 def format_report(report: dict[str, Any]) -> str:
-    """The console table."""
+    """The console table: per source first (each radiograph once), then the pooled numbers."""
     lines = [f"split {report['split']} of {report['data']}: {report['n_images']} images, {report['n_positive']} positive, "
-             f"{report['n_groups']} groups",
-             f"box: mAP@0.5 {_num(report['box']['map50'])}  mAP@0.5:0.95 {_num(report['box']['map50_95'])}  "
-             f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {_num(report['image_auc']['roc_auc'])}",
-             "",
-             f"{'mode':<10} {'tau':>7} {'from':<10} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6} "
-             f"{'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} {'loc.sens':>8}"]
+             f"{report['n_groups']} groups"]
+    if report.get("by_source_radiographs"):
+        lines += _part_table("by source, each radiograph once (balanced mode)", report["by_source_radiographs"])
+        mean = report["mean_over_sources"]
+        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {_num(mean['map50']['value']):>6} "
+                     f"{_num(mean['image_auc']['value']):>6} {_num(mean['sensitivity']['value']):<32} "
+                     f"{_num(mean['specificity']['value']):<32}")
+    lines += ["", f"pooled over every source and copy ({report['n_images']} images):",
+              f"box: mAP@0.5 {_num(report['box']['map50'])}  mAP@0.5:0.95 {_num(report['box']['map50_95'])}  "
+              f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {_num(report['image_auc']['roc_auc'])}",
+              f"{'mode':<10} {'tau':>7} {'from':<10} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6} "
+              f"{'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} {'loc.sens':>8} {'boxes/flagged p90':>17}"]
     for mode, res in report["image_level"].items():
         op = report["operating_points"][mode]
         loc = report["localization"].get(mode, {}).get("sensitivity")
+        per = (report.get("boxes_per_flagged_image") or {}).get(mode) or {}
         lines.append(f"{mode:<10} {op['threshold']:>7.4f} {op.get('source', ''):<10} {_fmt(res['sensitivity']):<24} "
                      f"{_fmt(res['specificity']):<24} {_num(res['ppv']['value']):>6} {_num(res['npv']['value']):>6} "
-                     f"{res['tp']:>5} {res['fp']:>5} {res['tn']:>5} {res['fn']:>5} {_num((loc or {}).get('value')):>8}")
+                     f"{res['tp']:>5} {res['fp']:>5} {res['tn']:>5} {res['fn']:>5} {_num((loc or {}).get('value')):>8} "
+                     f"{_num(per.get('p90'), 1):>17}")
     for title in ("by_source", "by_region"):
-        parts = report.get(title) or {}
-        if not parts:
-            continue
-        lines += ["", f"{title.replace('_', ' ')} (balanced mode)",
-                  f"{'':<22} {'images':>7} {'pos':>5} {'boxes':>6} {'mAP50':>6} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24}"]
-        for name, part in parts.items():
-            bal = part["image_level"].get("balanced") or next(iter(part["image_level"].values()))
-            lines.append(f"{name[:22]:<22} {part['n_images']:>7} {part['n_positive']:>5} {part['n_gt_boxes']:>6} "
-                         f"{_num(part['box']['map50']):>6} {_fmt(bal['sensitivity']):<24} {_fmt(bal['specificity']):<24}")
+        if report.get(title):
+            lines += _part_table(f"{title.replace('_', ' ')}, every image (balanced mode)", report[title])
+    if report.get("box_rule"):
+        lines.append(f"box rule: {inference.BoxRule(**report['box_rule']['rule'])} (from {report['box_rule']['source']})")
     for note in report.get("notes", []):
         lines.append(f"note: {note}")
     if report.get("errors"):
@@ -1428,6 +1584,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", type=Path, default=None, help="folder for the PR and FROC PNGs (default: beside --out)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--write-card", action="store_true", help="with --weights: write val-chosen thresholds and test metrics into the card")
+    p.add_argument("--box-rule", choices=["card", "none", "choose"], default="card",
+                   help="with --weights: the card's box rule (default), none, or choose one on val (NMS IoU, containment, "
+                        "boxes per image; with --write-card it goes into the card)")
     p.add_argument("--save-predictions", type=Path, help="with --weights: also save the records (results.json format)")
     p.add_argument("--allow-missing", action="store_true", help="score images without a prediction as 'no detection' (listed as errors)")
     p.add_argument("--ultralytics-crosscheck", action="store_true", help="with YOLO .pt --weights: also run Ultralytics' val() and compare")
@@ -1490,7 +1649,7 @@ def main(argv: list[str] | None = None) -> int:
                                 target_sensitivity=args.target_sensitivity, target_specificity=args.target_specificity,
                                 n_boot=args.n_boot, seed=args.seed, iou=args.iou, allow_missing=args.allow_missing,
                                 progress=not args.quiet, record_bases=bases, keep_records=bool(args.save_predictions),
-                                harmonize=args.harmonize)
+                                harmonize=args.harmonize, box_rule=args.box_rule if args.weights else "card")
         report["model"] = {"weights": str(args.weights), "backend": predictor.name} if args.weights else {"predictions": str(args.predictions)}
         if args.ultralytics_crosscheck:
             imgsz = getattr(predictor.detector, "imgsz", None)  # the size our predictions were made at
@@ -1514,7 +1673,7 @@ def main(argv: list[str] | None = None) -> int:
         plots = save_plots(report, args.plots or out.parent, out.stem)
     if args.write_card:
         card_path = inference.card_path_for(args.weights)
-        update_model_card(card_path, report, report)
+        update_model_card(card_path, report, report, box_rule=report.get("box_rule"))
         print(f"model card updated: {card_path} (thresholds chosen on '{args.val_split}', metrics on '{args.split}')")
     print(f"report: {out}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
     print(inference.DISCLAIMER)

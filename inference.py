@@ -594,6 +594,79 @@ MODES = ("screening", "balanced", "specific")
 FALLBACK_THRESHOLDS = {"screening": 0.10, "balanced": 0.25, "specific": 0.50}
 
 
+@dataclass(frozen=True)
+class BoxRule:
+    """One box per finding: what is done to a model's boxes (all classes together, highest score first) before
+    anyone sees them. Chosen on the validation split (`evaluate.py --box-rule choose`) and kept in the model card
+    under "box_rule", so every backend, the service and the evaluation apply the same rule.
+
+    - `nms_iou`: a box whose IoU with a kept, higher-scoring box exceeds this goes (class-agnostic NMS);
+    - `contained`: a box with at least this fraction of its area inside a kept, higher-scoring box goes;
+    - `max_boxes`: at most this many boxes per image, the highest-scoring.
+
+    Every step only looks at higher-scoring boxes, so applying the rule and then a score threshold gives the same
+    boxes as thresholding first: evaluation at score >= 0.001 and prediction at a mode's threshold agree.
+    """
+
+    nms_iou: float | None = None
+    contained: float | None = None
+    max_boxes: int | None = None
+
+    def __post_init__(self):
+        for name in ("nms_iou", "contained"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 < float(value) <= 1.0:
+                raise ValueError(f"box rule: {name} must lie in (0, 1], got {value}")
+        if self.max_boxes is not None and int(self.max_boxes) < 1:
+            raise ValueError(f"box rule: max_boxes must be >= 1, got {self.max_boxes}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> BoxRule:
+        data = dict(data or {})
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"box rule: unknown key(s) {sorted(unknown)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        parts = [f"NMS IoU {self.nms_iou}" if self.nms_iou else "", f"contained {self.contained}" if self.contained else "",
+                 f"at most {self.max_boxes}" if self.max_boxes else ""]
+        return ", ".join(p for p in parts if p) or "none"
+
+    def keep(self, boxes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        """Indices of the boxes (xyxy) that stay, highest score first."""
+        order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+        if not (self.nms_iou or self.contained):
+            return order[: self.max_boxes]
+        boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        area = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+        kept: list[int] = []
+        for i in order:
+            if self.max_boxes and len(kept) >= self.max_boxes:
+                break
+            if kept:
+                k = np.array(kept)
+                iw = np.clip(np.minimum(boxes[k, 2], boxes[i, 2]) - np.maximum(boxes[k, 0], boxes[i, 0]), 0, None)
+                ih = np.clip(np.minimum(boxes[k, 3], boxes[i, 3]) - np.maximum(boxes[k, 1], boxes[i, 1]), 0, None)
+                inter = iw * ih
+                with np.errstate(invalid="ignore", divide="ignore"):
+                    if self.nms_iou and np.any(inter / (area[k] + area[i] - inter) > self.nms_iou):
+                        continue
+                    if self.contained and area[i] > 0 and np.any(inter / area[i] >= self.contained):
+                        continue
+            kept.append(int(i))
+        return np.array(kept, dtype=np.int64)
+
+    def apply(self, detections: list[Detection]) -> list[Detection]:
+        if not detections or self == BoxRule():
+            return sorted(detections, key=lambda d: d.score, reverse=True)
+        idx = self.keep(np.array([d.xyxy for d in detections]), np.array([d.score for d in detections]))
+        return [detections[i] for i in idx]
+
+
 def card_path_for(weights: str | Path) -> Path:
     """The model card that belongs to a weights file: same folder and stem, `.json`."""
     weights = Path(weights)
@@ -761,6 +834,7 @@ class Predictor:
             self.contract = Contract.from_dict(card_contract)
         else:
             self.contract = Contract()
+        self.box_rule = BoxRule.from_dict((self.card or {}).get("box_rule"))
 
     @property
     def name(self) -> str:
@@ -796,7 +870,7 @@ class Predictor:
                 if hints:
                     out.hints = guess_type_and_severity(out, meta.size)
                 detections.append(out)
-        detections.sort(key=lambda d: d.score, reverse=True)
+        detections = self.box_rule.apply(detections)
         t3 = time.perf_counter()
         timings.update(harmonize_ms=(t1 - t0) * 1e3, model_ms=(t2 - t1) * 1e3, post_ms=(t3 - t2) * 1e3)
         return Prediction(image, meta.width, meta.height, mode, threshold, source, detections, timings, meta)

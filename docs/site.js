@@ -26,6 +26,7 @@
     if (!entry || !isNum(entry.value)) return "n/a";
     let s = num(entry.value);
     if (Array.isArray(entry.ci) && entry.ci.length === 2) s += " [" + num(entry.ci[0], 2) + "\u2013" + num(entry.ci[1], 2) + "]";
+    else if (typeof entry.note === "string") s += " (" + entry.note + ")";  // e.g. "too few (n=3) for an interval"
     return s;
   }
   function str(x, fallback) { return typeof x === "string" ? x : (x === undefined || x === null ? (fallback || "") : String(x)); }
@@ -415,7 +416,7 @@
     summary.replaceChildren();
     if (!report || !report.image_level) {
       summary.append(el("p", "No evaluation report yet: python evaluate.py --weights W --data D --out docs/data/report.json --no-plots", { class: "note" }));
-      ["report-modes", "by-source", "by-region"].forEach(function (id) { $(id).replaceChildren(); });
+      ["report-modes", "by-source-radiographs", "by-source", "by-region"].forEach(function (id) { $(id).replaceChildren(); });
       return;
     }
     const box = report.box || {};
@@ -441,20 +442,28 @@
           metric(r.ppv), metric(r.npv), { text: str(r.tp), num: true }, { text: str(r.fp), num: true },
           { text: str(r.tn), num: true }, { text: str(r.fn), num: true }, metric((loc[mode] || {}).sensitivity)];
       }));
-    ["by_source", "by_region"].forEach(function (key) {
+    const ids = { by_source_radiographs: "by-source-radiographs", by_source: "by-source", by_region: "by-region" };
+    Object.keys(ids).forEach(function (key) {
       const parts = report[key] || {};
-      const node = $(key === "by_source" ? "by-source" : "by-region");
+      const node = $(ids[key]);
       const names = Object.keys(parts);
       if (!names.length) { node.replaceChildren(el("caption", "not in this report")); return; }
-      table(node, null, ["Name", "Images", "Positive", "True boxes", "mAP@0.5", "Sensitivity", "Specificity"],
-        names.map(function (name) {
-          const part = parts[name] || {};
-          const levels = part.image_level || {};
-          const bal = levels.balanced || levels[Object.keys(levels)[0]] || {};
-          return [name, { text: str(part.n_images), num: true }, { text: str(part.n_positive), num: true },
-            { text: str(part.n_gt_boxes), num: true }, { text: num((part.box || {}).map50), num: true },
-            metric(bal.sensitivity), metric(bal.specificity)];
-        }));
+      const rows = names.map(function (name) {
+        const part = parts[name] || {};
+        const levels = part.image_level || {};
+        const bal = levels.balanced || levels[Object.keys(levels)[0]] || {};
+        return [name, { text: str(part.n_images), num: true }, { text: str(part.n_positive), num: true },
+          { text: str(part.n_gt_boxes), num: true }, { text: num((part.box || {}).map50), num: true },
+          { text: num(part.image_auc), num: true }, metric(bal.sensitivity), metric(bal.specificity)];
+      });
+      const mean = key === "by_source_radiographs" ? report.mean_over_sources : null;
+      if (mean) {  // the unweighted mean of what each source defines
+        rows.push(["mean over sources", "", "", "", { text: num((mean.map50 || {}).value), num: true },
+          { text: num((mean.image_auc || {}).value), num: true }, num((mean.sensitivity || {}).value), num((mean.specificity || {}).value)]);
+      }
+      table(node, key === "by_source_radiographs" ? "Roboflow's augmented copies and near-duplicates of one radiograph count once; " +
+        "a source with only positives has no specificity or AUC" : null,
+        ["Name", "Images", "Positive", "True boxes", "mAP@0.5", "ROC AUC", "Sensitivity", "Specificity"], rows);
     });
     renderCurves(report);
   }

@@ -92,13 +92,17 @@ def table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def breakdown(parts: dict[str, Any], mode: str = "balanced") -> str:
+def breakdown(parts: dict[str, Any], mode: str = "balanced", mean: dict[str, Any] | None = None) -> str:
     rows = []
     for name, entry in sorted(parts.items()):
         level = entry["image_level"].get(mode, {})
         rows.append([name, str(entry["n_images"]), str(entry["n_positive"]), fmt(entry["box"].get("map50")),
-                     fmt(entry["box"].get("map50_95")), with_ci(level.get("sensitivity")), with_ci(level.get("specificity"))])
-    return table(["", "images", "positive", "mAP@0.5", "mAP@0.5:0.95", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
+                     fmt(entry["box"].get("map50_95")), fmt(entry.get("image_auc")), with_ci(level.get("sensitivity")),
+                     with_ci(level.get("specificity"))])
+    if mean:
+        rows.append(["**mean over sources**", "", "", fmt(mean["map50"]["value"]), "", fmt(mean["image_auc"]["value"]),
+                     fmt(mean["sensitivity"]["value"]), fmt(mean["specificity"]["value"])])
+    return table(["", "images", "positive", "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
 
 
 def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
@@ -129,8 +133,16 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     if metrics:
         box = metrics.get("box") or {}
         out += [f"## Test results ({metrics.get('split')} split: {metrics.get('n_images')} images, "
-                f"{metrics.get('n_positive')} with a fracture, {box.get('n_gt_boxes')} boxes)", "",
-                f"Box mAP@0.5 **{fmt(box.get('map50'))}**, mAP@0.5:0.95 **{fmt(box.get('map50_95'))}** (pycocotools, negatives included). "
+                f"{metrics.get('n_positive')} with a fracture, {box.get('n_gt_boxes')} boxes)", ""]
+        if metrics.get("by_source_radiographs"):
+            out += ["### By source, each radiograph once (balanced mode)", "",
+                    "Each source on its own, with its own ROC AUC, counting every radiograph once (the first of its "
+                    "augmented copies or near-duplicates by file name; Roboflow exports hold up to 3 copies of one "
+                    "radiograph). A source with only positives has no specificity or AUC. Intervals: group bootstrap, "
+                    "Wilson's below 30 cases, none below 5.", "",
+                    breakdown(metrics["by_source_radiographs"], mean=metrics.get("mean_over_sources")), "",
+                    f"### Pooled over every source and copy ({metrics.get('n_images')} images)", ""]
+        out += [f"Box mAP@0.5 **{fmt(box.get('map50'))}**, mAP@0.5:0.95 **{fmt(box.get('map50_95'))}** (pycocotools, negatives included). "
                 f"Intervals: 95% bootstrap over {metrics.get('bootstrap', {}).get('resampled', 'groups')} "
                 f"({metrics.get('bootstrap', {}).get('n_boot')} resamples).", ""]
         rows = []
@@ -145,8 +157,15 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
             out += [f"Localization-aware (a positive counts as found only if a box has IoU ≥ {loc.get('iou')} with a true box), "
                     f"balanced mode: {b.get('found')} of {b.get('n_positive')} found, sensitivity {with_ci(b.get('sensitivity'))}; "
                     f"{b.get('mislocalized')} flagged with the box elsewhere.", ""]
-        out += ["### By source (balanced mode)", "", breakdown(metrics.get("by_source") or {}), "",
-                "### By region (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
+        per = metrics.get("boxes_per_flagged_image") or {}
+        if per.get("balanced"):
+            b = per["balanced"]
+            rule = card.get("box_rule")
+            out += [f"Boxes a reader sees per flagged image (balanced mode): median {fmt(b.get('median'), 1)}, 90th percentile "
+                    f"{fmt(b.get('p90'), 1)}, max {b.get('max')}; box rule "
+                    f"{json.dumps(rule) + ' (chosen on ' + str(card.get('box_rule_chosen_on')) + ')' if rule else 'none'}.", ""]
+        out += ["### By source, every image (balanced mode)", "", breakdown(metrics.get("by_source") or {}), "",
+                "### By region, every image (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
     if extra.get("candidates"):
         out += ["## Candidates compared (validation split)", "", table(list(extra["candidates"][0].keys()),
                 [[fmt(v) for v in row.values()] for row in extra["candidates"]]),
@@ -160,9 +179,8 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     regions = sorted((metrics.get("by_region") or {}).keys())
     sources = sorted((metrics.get("by_source") or {}).keys())
     out += ["## What it cannot do", "",
-            f"- It has only seen these sources: {', '.join(sources) or 'n/a'}; and these regions: {', '.join(regions) or 'n/a'}. "
-            "Spine, skull, ribs, pelvis beyond the proximal femur, and paediatric radiographs (beyond three GRAZPEDWRI-DX "
-            "negatives) were never in training; expect it to fail there.",
+            f"- It was trained and tested on these sources only: {', '.join(sources) or 'n/a'}; and these regions: "
+            f"{', '.join(regions) or 'n/a'}. Other body parts were never in training; expect it to fail there.",
             "- The test split is in-distribution (the same sources, split by group), so these numbers overstate performance on "
             "a new hospital's images: validate externally (`scripts/external_val.py`) before trusting it anywhere.",
             "- FracAtlas has no patient ids: its images are grouped only by (near-)identical content, so views of one patient "

@@ -238,7 +238,9 @@ def test_image_level_score_zero_is_never_positive():
 
 def test_image_level_perfect_and_worst():
     perfect = ev.image_level([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0], 0.5, n_boot=200)
-    assert all(perfect[k]["value"] == 1.0 and perfect[k]["ci"] == [1.0, 1.0] for k in ("sensitivity", "specificity", "ppv", "npv"))
+    # 2 cases per rate: a value, but no interval (the bootstrap could only say [1, 1])
+    assert all(perfect[k]["value"] == 1.0 and perfect[k]["ci"] is None and perfect[k]["note"] == "too few (n=2) for an interval"
+               for k in ("sensitivity", "specificity", "ppv", "npv"))
     worst = ev.image_level([1, 1, 0, 0], [0.1, 0.0, 0.9, 0.8], 0.5, n_boot=200)
     assert all(worst[k]["value"] == 0.0 for k in ("sensitivity", "specificity", "ppv", "npv"))
 
@@ -264,17 +266,18 @@ def test_bootstrap_is_deterministic_under_seed():
 
 
 def test_bootstrap_resamples_groups_not_images():
-    # 20 positives in 5 groups of 4 identical images: 3 groups found, 2 missed (sensitivity 0.6).
-    labels = [1] * 20
-    scores = [0.9] * 12 + [0.1] * 8
-    groups = [i // 4 for i in range(20)]
+    # 40 positives in 10 groups of 4 identical images: 6 groups found, 4 missed (sensitivity 0.6).
+    labels = [1] * 40
+    scores = [0.9] * 24 + [0.1] * 16
+    groups = [i // 4 for i in range(40)]
     clustered = ev.image_level(labels, scores, 0.5, groups=groups, n_boot=2000, seed=0)["sensitivity"]
     independent = ev.image_level(labels, scores, 0.5, groups=None, n_boot=2000, seed=0)["sensitivity"]
     assert clustered["value"] == independent["value"] == 0.6
+    assert clustered["ci_method"] == independent["ci_method"] == "group bootstrap"
     width = lambda e: e["ci"][1] - e["ci"][0]  # noqa: E731
     assert width(clustered) > width(independent) + 0.1
     # one group per image is the same as no groups
-    assert ev.image_level(labels, scores, 0.5, groups=list(range(20)), n_boot=500)["sensitivity"] == \
+    assert ev.image_level(labels, scores, 0.5, groups=[f"{i:02d}" for i in range(40)], n_boot=500)["sensitivity"] == \
         ev.image_level(labels, scores, 0.5, n_boot=500)["sensitivity"]
 
 
@@ -282,9 +285,13 @@ def test_bootstrap_counts_draws_whole_groups():
     counts = np.array([[1, 0], [0, 3], [2, 2]])  # per group: two cells
     sums = ev.bootstrap_counts(counts, 500, 0)
     assert sums.shape == (500, 2)
-    # every resample is a sum of 3 whole rows: the total is 1, 3 or 4 per draw
-    totals = sums.sum(axis=1)
-    assert set(np.unique(totals)).issubset({3, 5, 7, 9, 11, 12, 6, 8, 10, 4})
+    # every resample is the sum of 3 whole rows drawn with replacement: only these 10 (cell 0, cell 1) pairs can occur
+    import itertools
+
+    possible = {tuple(counts[list(pick)].sum(axis=0)) for pick in itertools.combinations_with_replacement(range(3), 3)}
+    assert len(possible) == 10
+    drawn = {tuple(row) for row in sums.astype(int)}
+    assert drawn <= possible and len(drawn) >= 8  # 500 draws reach (nearly) every combination
     assert abs(sums[:, 0].mean() - 3.0) < 0.2  # E = 3 * mean(1, 0, 2)
 
 
@@ -492,7 +499,7 @@ def test_cli_predictions_end_to_end_exact_numbers(tree, tmp_path, capsys):
     assert (s["sensitivity"]["value"], s["ppv"]["value"], s["npv"]["value"]) == (pytest.approx(2 / 3, abs=1e-6), 0.5, 0.5)
     b = r["image_level"]["balanced"]
     assert (b["tp"], b["fn"], b["fp"], b["tn"]) == (2, 1, 1, 2)
-    assert len(b["sensitivity"]["ci"]) == 2
+    assert b["sensitivity"]["ci"] is None and b["sensitivity"]["note"] == "too few (n=3) for an interval"
     # localization at 0.6: only ph002 has its box on the fracture; ph008's box is in a corner
     loc = r["localization"]["balanced"]
     assert (loc["found"], loc["mislocalized"], loc["missed"]) == (1, 1, 2)
@@ -570,6 +577,19 @@ def test_scoring_the_threshold_split_itself(tree, tmp_path, capsys):
     b = r["image_level"]["balanced"]  # val at its own balanced threshold 0.6: the val numbers themselves
     assert (b["sensitivity"]["value"], b["specificity"]["value"]) == (pytest.approx(2 / 3, abs=1e-6), 1.0)
     assert r["errors"] == [] and any("optimistic" in n for n in r["notes"])
+
+
+def test_val_and_test_on_the_same_images_is_a_clear_error(tree, tmp_path, capsys):
+    root, phantoms = tree
+    yaml_text = (root / "dataset.yaml").read_text()
+    (root / "same.yaml").write_text(yaml_text.replace("val: images/val", "val: images/test"))
+    (root / "splits.csv").unlink()  # a user's own tree: no manifest to say which split an image belongs to
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(handcrafted_records(root, phantoms)))
+    rc, _, err = run_cli(["--predictions", results, "--data", root / "same.yaml", "--out", tmp_path / "s.json", "--no-plots"], capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert "'val' and 'test' splits" in err and "share 6 of 6 image(s)" in err and "--val-split test" in err
+    assert not (tmp_path / "s.json").exists()
 
 
 # --------------------------------------------------------------------------- model card
@@ -683,3 +703,98 @@ def test_ultralytics_crosscheck_runs_offline_without_touching_the_tree(tree, tmp
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no labels cache written into the tree
     assert 0.0 <= cc["ultralytics"]["map50"] <= 1.0 and 0.0 <= cc["ultralytics"]["map50_95"] <= cc["ultralytics"]["map50"]
     assert cc["difference_ours_minus_ultralytics"]["map50"] == pytest.approx(0.25 - cc["ultralytics"]["map50"], abs=1e-6)
+
+
+# --------------------------------------------------------------------------- one box per finding, chosen on val
+
+
+def test_choose_box_rule_removes_nested_copies_and_keeps_map():
+    truth = [[[10, 10, 50, 50]] if i % 2 == 0 else [] for i in range(10)]
+    gt = make_gt(truth)
+    preds = []
+    for i in range(10):
+        if i % 2 == 0:  # the fracture, boxed 5 times (nested), the best box first; tops 0.9 .. 0.5 (balanced: 0.5)
+            top = 0.9 - 0.05 * i
+            preds.append(pred([[10, 10, 50, 50], [11, 11, 49, 49], [9, 9, 52, 52], [14, 14, 46, 46], [20, 20, 30, 30]],
+                              [top, top - 0.001, top - 0.002, top - 0.003, top - 0.004]))
+        else:
+            preds.append(pred([[60, 60, 70, 70]], [0.3]))
+    rule, table = ev.choose_box_rule(gt, preds)
+    raw = next(r for r in table if r["rule"] == {"nms_iou": None, "contained": None, "max_boxes": None})
+    chosen = next(r for r in table if r["chosen"])
+    assert raw["p90"] == 5 and chosen["p90"] <= ev.BOX_RULE_MAX_P90
+    assert chosen["map50"] >= raw["map50"] and chosen["p90"] == 1
+    assert inference.BoxRule(**chosen["rule"]) == rule and rule != inference.BoxRule()
+    assert sum(r["chosen"] for r in table) == 1
+
+
+def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
+    root, phantoms = tree
+    weights = write_oracle(tmp_path / "m", root, phantoms, inference.Contract(), {"backend": "oracle"})
+    table = json.loads(weights.read_text())
+    for key, rows in table.items():  # every box comes with two nested near-copies scoring a little lower
+        table[key] = [r for x1, y1, x2, y2, sc in rows for r in ([x1, y1, x2, y2, sc], [x1 + 1, y1 + 1, x2 - 1, y2 - 1, sc - 1e-3],
+                                                                 [x1 - 1, y1, x2 + 1, y2, sc - 2e-3])]
+    weights.write_text(json.dumps(table))
+    out = tmp_path / "r.json"
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--box-rule", "choose", "--write-card"], capsys)
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert report["box_rule"]["source"] == "val" and len(report["box_rule"]["search"]) == 48
+    assert report["boxes_per_flagged_image"]["balanced"]["max"] == 1
+    card = json.loads((tmp_path / "m" / "oracle.json").read_text())
+    assert card["box_rule"] == report["box_rule"]["rule"] and card["box_rule_chosen_on"] == "val"
+    assert card["metrics"]["boxes_per_flagged_image"]["balanced"]["p90"] == 1
+    # the model's users get the rule from the card; asking for none shows the raw boxes again
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--box-rule", "none"], capsys)
+    assert rc == 0 and json.loads(out.read_text())["boxes_per_flagged_image"]["balanced"]["max"] == 3
+    rc, _, err = run_cli(["--predictions", tmp_path / "nope.json", "--data", root / "dataset.yaml", "--box-rule", "choose"], capsys)
+    assert rc == 2 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- intervals at small n
+
+
+def test_wilson_interval_known_values():
+    assert ev.wilson_interval(3, 3) == pytest.approx((0.438503, 1.0), abs=1e-6)
+    assert ev.wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert ev.wilson_interval(50, 100) == pytest.approx((0.403831, 0.596169), abs=1e-6)
+
+
+def test_small_n_intervals_are_wilson_or_absent_never_degenerate():
+    # 3 positives all found, 4 negatives: the bootstrap can only say [1, 1]
+    tiny = ev.confusion_metrics([1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1], n_boot=500)
+    assert tiny["sensitivity"]["ci"] is None and tiny["sensitivity"]["note"] == "too few (n=3) for an interval"
+    assert tiny["specificity"]["ci"] is None and "n=4" in tiny["specificity"]["note"]
+    # 8 positives all found: Wilson, not the bootstrap's [1, 1]
+    small = ev.confusion_metrics([1] * 8 + [0] * 40, [1] * 8 + [0] * 38 + [1] * 2, n_boot=500)
+    assert small["sensitivity"]["ci_method"] == "wilson" and small["sensitivity"]["ci"] == pytest.approx([0.675592, 1.0], abs=1e-6)
+    # 40 negatives: the group bootstrap, a real interval around 38/40
+    assert small["specificity"]["ci_method"] == "group bootstrap"
+    lo, hi = small["specificity"]["ci"]
+    assert lo < 0.95 < hi and lo < hi
+    assert "too few (n=3)" in ev._fmt(tiny["sensitivity"])
+
+
+def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
+    # source "a": 3 radiographs; r0 has 3 augmented copies (same group). source "b": 4 single images.
+    truth = [[[10, 10, 30, 30]]] * 3 + [[]] * 2 + [[[10, 10, 30, 30]], [[10, 10, 30, 30]], [], []]
+    groups = ["r0", "r0", "r0", "r1", "r2", "b0", "b1", "b2", "b3"]
+    sources = {i: "a" if i < 5 else "b" for i in range(9)}
+    gt = make_gt(truth, groups=groups, sources=sources)
+    hit = [10, 10, 30, 30]
+    preds = [pred([hit], [0.9]), pred([hit], [0.2]), pred([hit], [0.1]), pred([], []), pred([[50, 50, 60, 60]], [0.5]),
+             pred([hit], [0.8]), pred([hit], [0.3]), pred([[50, 50, 60, 60]], [0.4]), pred([], [])]
+    report = ev.evaluate_predictions(gt, preds, {"balanced": 0.35}, n_boot=0)
+    a, b = report["by_source_radiographs"]["a"], report["by_source_radiographs"]["b"]
+    assert (a["n_images"], a["n_positive"]) == (3, 1) and report["by_source"]["a"]["n_images"] == 5
+    assert a["image_auc"] == 1.0  # r0's first copy (0.9) above r1 (0) and r2 (0.5)
+    assert b["image_auc"] == pytest.approx(0.75)  # positives .8 .3 vs negatives .4 0: 3 of 4 pairs ordered
+    assert (a["image_level"]["balanced"]["tp"], a["image_level"]["balanced"]["fp"]) == (1, 1)
+    mean = report["mean_over_sources"]
+    assert mean["image_auc"] == {"value": pytest.approx(0.875), "n_sources": 2}
+    assert mean["sensitivity"]["value"] == pytest.approx((1.0 + 0.5) / 2)
+    text = ev.format_report(report)
+    assert text.index("each radiograph once") < text.index("pooled over every source")

@@ -277,3 +277,58 @@ def test_load_image_output_matches_overlay_size(tmp_path):
     pred = inference.Prediction("x", 200, 300, "balanced", 0.5, "conf", [Detection((10, 10, 50, 50), 0.9, model="a")], {})
     out = inference.overlay_for(pred, loaded)
     assert out.shape[1] == 200 and out.shape[0] > 300 and out.dtype == np.uint8
+
+
+# --------------------------------------------------------------------------- one box per finding
+
+
+NESTED = [  # (xyxy, score): a fracture boxed four times over, and one elsewhere
+    ((10, 10, 50, 50), 0.9), ((12, 12, 48, 48), 0.8), ((20, 20, 30, 30), 0.7), ((60, 60, 90, 90), 0.6), ((61, 61, 89, 89), 0.5),
+]
+
+
+def _dets(rows):
+    return [inference.Detection(box, score) for box, score in rows]
+
+
+@pytest.mark.parametrize("rule, kept", [
+    (inference.BoxRule(), [0.9, 0.8, 0.7, 0.6, 0.5]),
+    (inference.BoxRule(nms_iou=0.5), [0.9, 0.7, 0.6]),  # the small box inside overlaps little: NMS keeps it
+    (inference.BoxRule(nms_iou=0.5, contained=0.8), [0.9, 0.6]),
+    (inference.BoxRule(contained=0.8), [0.9, 0.6]),
+    (inference.BoxRule(max_boxes=2), [0.9, 0.8]),
+    (inference.BoxRule(nms_iou=0.5, max_boxes=1), [0.9]),
+])
+def test_box_rule_keeps_known_boxes(rule, kept):
+    shuffled = _dets(NESTED[::-1])  # the order given does not matter
+    assert [d.score for d in rule.apply(shuffled)] == kept
+
+
+def test_box_rule_commutes_with_a_score_threshold():
+    rng = np.random.default_rng(3)
+    xy = rng.uniform(0, 80, (40, 2))
+    boxes = np.hstack([xy, xy + rng.uniform(5, 30, (40, 2))])
+    scores = rng.uniform(0, 1, 40)
+    rule = inference.BoxRule(nms_iou=0.4, contained=0.7, max_boxes=6)
+    for t in (0.2, 0.5, 0.8):
+        then_threshold = [i for i in rule.keep(boxes, scores) if scores[i] >= t]
+        above = np.flatnonzero(scores >= t)
+        threshold_first = [above[i] for i in rule.keep(boxes[above], scores[above])]
+        assert then_threshold == threshold_first
+
+
+def test_box_rule_refuses_bad_settings():
+    for bad in ({"nms_iou": 0}, {"contained": 1.5}, {"max_boxes": 0}, {"iou": 0.5}):
+        with pytest.raises(ValueError, match="box rule"):
+            inference.BoxRule.from_dict(bad)
+
+
+def test_predictor_applies_the_cards_box_rule(tmp_path):
+    boxes = [[0.5, 0.5, 0.4, 0.4, 0.9], [0.5, 0.5, 0.38, 0.38, 0.8], [0.5, 0.5, 0.1, 0.1, 0.7], [0.15, 0.15, 0.1, 0.1, 0.6]]
+    weights = write_fake_model(tmp_path / "m", boxes)
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), make_phantom(120, 100, seed=0, bits=8).pixels)
+    assert len(inference.Predictor(weights).predict(image, conf=0.5).detections) == 4
+    card = json.loads((tmp_path / "m" / "fake.json").read_text())
+    (tmp_path / "m" / "fake.json").write_text(json.dumps(card | {"box_rule": {"nms_iou": 0.5, "contained": 0.8}}))
+    assert [d.score for d in inference.Predictor(weights).predict(image, conf=0.5).detections] == [0.9, 0.6]
