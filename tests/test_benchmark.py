@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from test_evaluate import write_oracle, write_tree
@@ -121,9 +122,38 @@ def test_speed_mode_with_fake_backend(tmp_path, capsys):
     assert payload["images"]["n"] == 2 and payload["images"]["sizes_wh"] == [[64, 80]]
     row = payload["models"][0]
     for stage in ("decode", "harmonize", "model", "post", "end_to_end"):
-        assert row["stages_ms"][stage]["median"] >= 0 and row["stages_ms"][stage]["p90"] >= row["stages_ms"][stage]["median"]
+        assert set(row["stages_ms"][stage]) == {"median", "p90"} and row["stages_ms"][stage]["median"] >= 0
     assert row["stages_ms"]["n"] == 2 and "plain_ultralytics_ms" not in row and payload["baseline"] is None
     assert "end-to-end" in stdout
+
+
+class TimedPredictor:
+    """Stands in for inference.Predictor in time_pipeline: reports known stage timings, model_ms 7, 3, 10, 1, ... in turn."""
+
+    max_pixels = inference.DEFAULT_MAX_PIXELS
+    MODEL_MS = [7.0, 3.0, 10.0, 1.0, 9.0, 2.0, 8.0, 4.0, 6.0, 5.0]
+
+    def __init__(self):
+        self.calls = 0
+
+    def predict(self, path):  # the warm-up: not timed
+        pass
+
+    def predict_loaded(self, loaded, image):
+        model_ms = self.MODEL_MS[self.calls]
+        self.calls += 1
+        return SimpleNamespace(timings_ms={"harmonize_ms": 10 * model_ms, "model_ms": model_ms, "post_ms": 0.25})
+
+
+def test_speed_median_and_p90_on_known_timings(tmp_path):
+    images = bm.write_phantoms(tmp_path, 2, 32, 40)
+    stages = bm.time_pipeline(TimedPredictor(), images, warmup=1, repeats=5)
+    # 1..10 ms: median (5 + 6) / 2; p90 the sorted value at index round(0.9 * 9) = 8, i.e. 9 (numpy's linear p90 is 9.1)
+    assert stages["model"] == {"median": 5.5, "p90": 9.0}
+    assert stages["harmonize"] == {"median": 55.0, "p90": 90.0} and stages["post"] == {"median": 0.25, "p90": 0.25}
+    assert stages["n"] == 10 and stages["end_to_end"]["median"] > 0
+    assert bm._stats([4.0, 2.0, 3.0, 100.0, 1.0]) == {"median": 3.0, "p90": 100.0}  # round(0.9 * 4) = 4: the largest
+    assert bm._stats([]) == {"median": None, "p90": None}
 
 
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):

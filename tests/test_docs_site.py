@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import http.server
 import json
+import os
 import shutil
 import socket
 import threading
@@ -30,11 +31,25 @@ YOLO_ORANGE = (230, 159, 0)
 pytestmark = pytest.mark.browser
 
 
+def browser_required() -> bool:
+    """CI (or BONE_R_REQUIRE_BROWSER=1, which .ci/run sets) must run these tests; a developer may skip them."""
+    return os.environ.get("CI", "").lower() not in ("", "0", "false") or os.environ.get("BONE_R_REQUIRE_BROWSER") == "1"
+
+
+def no_browser(reason: str):
+    if browser_required():
+        pytest.fail(f"{reason} (a browser is required here: CI or BONE_R_REQUIRE_BROWSER=1 is set)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser():
     if not CHROMIUM.is_file():
-        pytest.skip("Debian chromium is not installed (/usr/bin/chromium); .ci/run installs it: apt-get install -y chromium")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (requirements.txt) is not installed")
+        no_browser("Debian chromium is not installed (/usr/bin/chromium); .ci/run installs it: apt-get install -y chromium")
+    try:
+        from playwright import sync_api
+    except ImportError:
+        no_browser("playwright (requirements.txt) is not installed")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS)
         yield b

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import json
-import sys
-import types
+import math
 from pathlib import Path
 
 import numpy as np
@@ -272,25 +271,58 @@ def test_cli_wbf(dataset, tmp_path, capsys):
     assert "wbf(a+b)" in capsys.readouterr().out
 
 
-def test_cli_fuse_with_a_classifier_checkpoint(dataset, tmp_path, monkeypatch):
+def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
+    """A real checkpoint in train_mura_cls's format (untrained EfficientNet-Lite0) whose head answers `p_abnormal`
+    on every image: weights 0, bias its logit. A loader that drops the saved weights answers something else."""
+    import torch
+
+    from train import save_checkpoint
+    from train_mura_cls import CHECKPOINT_FORMAT, build_classifier
+
+    torch.manual_seed(0)
+    net = build_classifier(pretrained=False)
+    with torch.no_grad():
+        net._fc.weight.zero_()
+        net._fc.bias.fill_(math.log(p_abnormal / (1 - p_abnormal)))
+    config = {"arch": "efficientnet-lite0", "imgsz": imgsz, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+              "contract": None, "classes": ["normal", "abnormal"]}
+    save_checkpoint(path, {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": config, "epoch": 1})
+    return path
+
+
+@pytest.fixture
+def torch_threads():
+    """One thread fewer than the cores, as the trainers use: on a shared 2-core machine two OpenMP
+    threads beside another busy process make every op wait (10-30x slower)."""
+    import torch
+
+    from train import default_torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(default_torch_threads())
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cli_fuse_with_a_classifier_checkpoint(dataset, tmp_path, torch_threads):
+    """The real loading path: --classifier -> train_mura_cls.load_classifier -> the saved weights score every image."""
     data, items = dataset
-    calls = []
-
-    def load_classifier(path):
-        calls.append(Path(path))
-        return lambda rgb: 0.5  # stands in for a trained classifier
-
-    monkeypatch.setitem(sys.modules, "train_mura_cls", types.SimpleNamespace(load_classifier=load_classifier))
-    ckpt = write(tmp_path / "cls.pt", {})
+    ckpt = write_classifier(tmp_path / "cls.pth", 0.25)
     det_file = write(tmp_path / "det.json", detector_a(items))
-    saved, out = tmp_path / "scores.json", tmp_path / "fuse.json"
+    saved, out, fused = tmp_path / "scores.json", tmp_path / "fuse.json", tmp_path / "fused.json"
     rc = ensemble.main(["fuse", "--detector-predictions", f"a={det_file}", "--classifier", str(ckpt), "--alpha", "0.5", "--data",
-                        str(data), "--n-boot", "0", "--out", str(out), "--save-classifier-scores", str(saved)])
-    assert rc == 0 and calls == [ckpt]
+                        str(data), "--n-boot", "0", "--out", str(out), "--save-classifier-scores", str(saved),
+                        "--fused-out", str(fused)])
+    assert rc == 0
     scores = json.loads(saved.read_text())
-    assert len(scores) == len(items) and set(scores.values()) == {0.5}
+    assert sorted(scores) == sorted(str(path) for path, _, _ in items)
+    assert list(scores.values()) == pytest.approx([0.25] * len(items), abs=1e-6)
     rows = json.loads(out.read_text())["rows"]
     assert rows[1]["alpha"] == 0.5 and rows[1]["chosen_on_val"] is True
+    # each detector score times alpha + (1 - alpha) * p_abnormal = 0.5 + 0.5 * 0.25
+    before = [d["score"] for r in detector_a(items) for d in r["detections"]]
+    after = [d["score"] for r in json.loads(fused.read_text()) for d in r["detections"]]
+    assert before and after == pytest.approx([0.625 * x for x in before], abs=1e-6)
 
 
 @pytest.mark.parametrize("argv, message", [

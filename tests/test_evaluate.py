@@ -746,6 +746,11 @@ def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path,
     card = json.loads((tmp_path / "m" / "oracle.json").read_text())
     assert card["box_rule"] == report["box_rule"]["rule"] and card["box_rule_chosen_on"] == "val"
     assert card["metrics"]["boxes_per_flagged_image"]["balanced"]["p90"] == 1
+    # choosing again on a model whose card already holds thresholds re-chooses them on val too
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--box-rule", "choose"], capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["operating_points"]["balanced"]["source"] != "model_card"
     # the model's users get the rule from the card; asking for none shows the raw boxes again
     rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
                           "--no-plots", "--box-rule", "none"], capsys)

@@ -7,7 +7,6 @@ test runs an untrained YOLOv8n end to end.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import io
@@ -707,8 +706,26 @@ def test_schemathesis_bounded_run(tmp_path):
         assert ("/health", 200) in statuses and ("/detect", 422) in statuses
 
 
-def test_asyncio_is_not_blocked_by_places_timeouts():
-    """The lookup is awaited, not run on a blocking client (a stalled Places server cannot freeze the loop)."""
-    from app import places
+def test_asyncio_is_not_blocked_by_places_timeouts(tmp_path, places_server):
+    """The lookup is awaited, not run on a blocking client (a stalled Places server cannot freeze the loop):
+    /health is answered while a /detect waits on a Places server that takes 1.5 s to answer."""
+    places_server.behaviour = "timeout"  # answers after 1.5 s, within the 3 s the service waits
+    with clinics_client(tmp_path, places_server, timeout_s=3.0) as c:
+        done = threading.Event()
+        results = []
 
-    assert asyncio.iscoroutinefunction(places.find_nearby_clinics)
+        def detect():
+            results.append(post(c, png_bytes(), "?lat=1&lng=2"))
+            done.set()
+
+        worker = threading.Thread(target=detect)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not places_server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert places_server.requests, "the lookup never reached the Places server"
+        assert c.get("/health").status_code == 200
+        assert not done.is_set(), "/health waited for the stalled Places lookup: it blocks the event loop"
+        worker.join(20)
+    assert results[0].status_code == 200
+    assert results[0].json()["nearby_clinics"]["available"] is True  # the slow answer still arrived
