@@ -616,7 +616,11 @@ def _run(args: argparse.Namespace) -> int:
                 contract = inference.Contract.from_dict(card["contract"]) if card.get("contract") else None
             except ValueError as err:
                 raise EnsembleError(f"classifier card: {err}") from None
-            scores = classifier_scores(det_records, load_classifier(args.classifier), contract)
+            try:
+                classifier = load_classifier(args.classifier)
+            except ValueError as err:  # not a classifier checkpoint readable with weights_only=True
+                raise EnsembleError(f"classifier: {err}") from None
+            scores = classifier_scores(det_records, classifier, contract)
             cls_name = str(args.classifier)
             if args.save_classifier_scores:
                 args.save_classifier_scores.parent.mkdir(parents=True, exist_ok=True)

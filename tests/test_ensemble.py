@@ -354,3 +354,13 @@ def test_cli_simulate_on_made_up_cases(tmp_path):
     assert alpha1["alpha"] == 1.0 and alpha1["map50"] == detector["map50"] and alpha1["roc_auc"] == detector["roc_auc"]
     assert sum(r.get("chosen_on_val", False) for r in rows) == 1
     assert 0.75 < rows[3]["classifier_auc_test"] <= 1.0
+
+
+def test_cli_fuse_with_a_file_that_is_no_classifier_is_one_line(dataset, tmp_path, capsys):
+    data, items = dataset
+    bogus = tmp_path / "cls.pth"
+    bogus.write_bytes(b"not a checkpoint")
+    det_file = write(tmp_path / "det.json", detector_a(items))
+    rc = ensemble.main(["fuse", "--detector-predictions", f"a={det_file}", "--classifier", str(bogus), "--data", str(data)])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: classifier: ") and "Traceback" not in err
