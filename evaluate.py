@@ -804,17 +804,16 @@ def confusion_metrics(labels: Sequence[Any], predicted: Sequence[Any], groups: S
         entry: dict[str, Any] = {"value": round(value, 6), "ci": None}
         hit, miss = (out[k] for k in DENOMINATORS[name])
         n = hit + miss
-        if boot is not None:
+        if n < MIN_INTERVAL_N:
+            entry["note"] = f"too few (n={n}) for an interval"
+        elif boot is not None:
             samples = boot[name][~np.isnan(boot[name])]
             if samples.size:
                 lo, hi = np.percentile(samples, [2.5, 97.5])
                 entry["ci"], entry["ci_method"] = [round(float(lo), 6), round(float(hi), 6)], "group bootstrap"
             if samples.size < n_boot:
                 entry["n_boot_defined"] = int(samples.size)
-            if n < MIN_INTERVAL_N:
-                entry["ci"], entry["ci_method"] = None, None
-                entry["note"] = f"too few (n={n}) for an interval"
-            elif n < MIN_BOOTSTRAP_N or entry["ci"] is None or entry["ci"][0] == entry["ci"][1]:
+            if n < MIN_BOOTSTRAP_N or entry["ci"] is None or entry["ci"][0] == entry["ci"][1]:
                 entry["ci"] = [round(v, 6) for v in wilson_interval(hit, n)]
                 entry["ci_method"] = "wilson"
         out[name] = entry
@@ -1030,15 +1029,20 @@ def _breakdown(gt: GroundTruth, preds: Sequence[ImagePrediction | None], scores:
 
 
 def mean_over(parts: dict[str, Any], mode: str = "balanced") -> dict[str, Any]:
-    """The unweighted mean over sources of what each defines (a source with one class has no AUC or specificity)."""
+    """The unweighted mean over sources of what each defines (a source with one class has no AUC or specificity;
+    a rate from fewer than MIN_INTERVAL_N cases is left out, as it has no interval either)."""
     def mean(values: list[float | None]) -> dict[str, Any]:
         got = [v for v in values if v is not None]
         return {"value": round(float(np.mean(got)), 6) if got else None, "n_sources": len(got)}
 
+    def rate(part: dict[str, Any], name: str) -> float | None:
+        entry = part["image_level"][mode][name]
+        return None if str(entry.get("note", "")).startswith("too few") else entry["value"]
+
     return {"image_auc": mean([p["image_auc"] for p in parts.values()]),
             "map50": mean([p["box"].get("map50") for p in parts.values()]),
-            "sensitivity": mean([p["image_level"][mode]["sensitivity"]["value"] for p in parts.values()]),
-            "specificity": mean([p["image_level"][mode]["specificity"]["value"] for p in parts.values()]),
+            "sensitivity": mean([rate(p, "sensitivity") for p in parts.values()]),
+            "specificity": mean([rate(p, "specificity") for p in parts.values()]),
             "mode": mode}
 
 
