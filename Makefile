@@ -12,13 +12,17 @@ IMAGE ?=
 DATA  ?= ../shared/data
 OUT   ?= data/merged
 
-.PHONY: setup test test-fast serve predict dataset lint clean help
+EPOCHS ?= 8
+RUN    ?= finetune
+
+.PHONY: setup test test-fast serve predict dataset finetune lint clean help
 
 help:
 	@echo "make test      set up .venv and run the test suite"
 	@echo "make serve     set up and serve the /detect API and viewer on the bundled model (http://$(HOST):$(PORT))"
 	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
 	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
+	@echo "make finetune [EPOCHS=8] [RUN=name]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
 
 $(STAMP): requirements.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -49,6 +53,12 @@ predict: setup
 
 dataset: setup
 	$(BIN)/python scripts/build_dataset.py --data $(DATA) --out $(OUT) $(if $(OVERWRITE),--overwrite)
+
+# The bundled model's training campaign goes on in cycles: each starts from weights/bone-r-default.pth with a fresh
+# warm-up + cosine schedule (resumable: python train_torchvision.py --name RUN --resume). JOURNAL.md has the curve.
+finetune: setup
+	$(BIN)/python train_torchvision.py --data $(OUT)/dataset.yaml --arch fasterrcnn --backbone effnet_lite0_fpn --imgsz 512 \
+	  --epochs $(EPOCHS) --batch 4 --seed 0 --init weights/bone-r-default.pth --name $(RUN) --evaluate
 
 lint: setup
 	$(BIN)/ruff check .
