@@ -223,6 +223,7 @@ def default_torch_threads() -> int:
 class ThreadGovernor:
     """Torch threads for a training loop: every core while the trainer has the machine to itself, one fewer
     while other processes keep a core busy (2 OpenMP threads beside a busy process run 10-30x slower than 1).
+    Work started with `nice` does not count: run it niced beside a training run and the run keeps every core.
 
     `fixed` (the user's --threads) turns it off. `step()` is called once per batch; every `every` batches it
     compares the machine's busy CPU time with this process tree's own (psutil) and switches with hysteresis.
@@ -243,7 +244,8 @@ class ThreadGovernor:
         import psutil
 
         t = psutil.cpu_times()
-        busy = sum(getattr(t, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))
+        # niced processes ("nice" time) are left out: they yield to the trainer, so they cannot stall its threads
+        busy = sum(getattr(t, k, 0.0) for k in ("user", "system", "irq", "softirq", "steal"))
         own = 0.0
         me = psutil.Process()
         for proc in (me, *me.children(recursive=True)):
