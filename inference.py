@@ -15,12 +15,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
 import hashlib
 import io
 import json
 import math
+import re
+import stat
 import sys
 import time
+import zlib
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -46,11 +50,12 @@ class ImageDecodeError(ValueError):
     """The one exception `load_image` raises: `str(err)` is a sentence for a person.
 
     `kind` says what went wrong, so callers can map it (the service maps
-    ``too_many_pixels`` to 413 and everything else to 400/415):
+    ``too_many_pixels`` and ``over_budget`` to 413 and everything else to 400/415):
     ``empty``, ``unsupported`` (not an image format we read), ``corrupt``
     (looks like a known format but cannot be decoded), ``too_many_pixels``
-    (refused before decoding) and ``unsupported_compression`` (a DICOM transfer
-    syntax no installed decoder handles).
+    (refused before decoding), ``over_budget`` (decoding would cost more memory
+    or time than allowed; refused before decoding) and ``unsupported_compression``
+    (a DICOM transfer syntax no installed decoder handles).
     """
 
     def __init__(self, message: str, kind: str = "corrupt"):
@@ -186,12 +191,38 @@ def sniff_format(data: bytes) -> str | None:
     return None
 
 
-def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> LoadedImage:
+# What one image's decode may cost, checked from its header before any pixel is decoded (see `_check_memory`).
+DEFAULT_MAX_MEMORY = 800 * 10**6
+# Later stages a caller runs at the original size cost this much per pixel on top: the service's overlay
+# (display_image + draw_overlay + encode_png; measured 13.3 B/px on a 16-bit gray image).
+OVERLAY_BYTES_PER_PIXEL = 14
+# Each progressive-JPEG scan re-walks every block (~2 ms per 4 MP scan): 10,000 tiny scans decoded for
+# minutes. libjpeg's own progressive scripts use 6 (gray) to 10 (colour) scans.
+MAX_JPEG_SCANS = 64
+# Deflated DICOM (rare for images) is inflated at most this far: a 2 MB bomb inflates to 2 GB.
+MAX_INFLATED_DICOM = 64 * 10**6
+# pydicom reads (about one per element or sequence item) allowed for one file; a radiograph needs a few thousand.
+MAX_DICOM_READS = 50_000
+# A LUT sequence we parse holds a few LUTs of at most 65,536 16-bit entries; parsing costs ~30 bytes per byte.
+MAX_LUT_SEQUENCE_BYTES = 10**6
+
+
+def load_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_memory: int = DEFAULT_MAX_MEMORY,
+    extra_bytes_per_pixel: float = 0.0,
+) -> LoadedImage:
     """Decode a radiograph from a path or bytes into a 2-D grayscale array.
 
     PNG, JPEG, TIFF and BMP (8 or 16 bit, gray or colour) and DICOM (recognized
-    by its ``DICM`` preamble, whatever the file is called). The pixel count is
-    checked from the header before anything is decoded. Colour becomes gray.
+    by its ``DICM`` preamble, whatever the file is called). Before anything is
+    decoded, the header is checked against `max_pixels` and the memory the decode
+    would need against `max_memory` (bytes; `extra_bytes_per_pixel` is what the
+    caller will spend per original pixel afterwards, e.g. `OVERLAY_BYTES_PER_PIXEL`),
+    and a progressive JPEG's scans against `MAX_JPEG_SCANS`. Only the first frame
+    of a DICOM file is decoded. Colour becomes gray.
     A JPEG that ends early is completed with an end-of-image marker and
     decoded (``meta.repaired``). DICOM goes through the contract's display rule
     (see `Contract`) and comes back as uint8.
@@ -201,10 +232,7 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
     else:
-        try:
-            data = Path(source).read_bytes()
-        except OSError as err:
-            raise ImageDecodeError(f"cannot read {source}: {err.strerror or err}", "unsupported") from None
+        data = _read_file(Path(source), max_memory)
     if not data:
         raise ImageDecodeError("the file is empty", "empty")
     fmt = sniff_format(data)
@@ -215,12 +243,26 @@ def load_image(source: str | Path | bytes, *, max_pixels: int = DEFAULT_MAX_PIXE
         )
     if fmt == "dicom":
         try:
-            return _load_dicom(data, max_pixels)
+            return _load_dicom(data, max_pixels, max_memory, extra_bytes_per_pixel)
         except ImageDecodeError:
             raise
         except Exception as err:  # noqa: BLE001 - pydicom parses lazily: a malformed element raises wherever it is read
             raise ImageDecodeError(f"the DICOM file is malformed ({type(err).__name__})", "corrupt") from None
-    return _load_raster(data, fmt, max_pixels)
+    return _load_raster(data, fmt, max_pixels, max_memory, extra_bytes_per_pixel)
+
+
+def _read_file(path: Path, max_memory: int) -> bytes:
+    """The file's bytes; a FIFO or device is never opened (reading one blocks), a file over the budget never read."""
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ImageDecodeError(f"cannot read {path}: not a regular file", "unsupported")
+        if info.st_size > max_memory:
+            raise ImageDecodeError(f"{path} is {info.st_size / 1e6:.0f} MB, over the decode memory limit of "
+                                   f"{max_memory / 1e6:.0f} MB", "over_budget")
+        return path.read_bytes()
+    except OSError as err:
+        raise ImageDecodeError(f"cannot read {path}: {err.strerror or err}", "unsupported") from None
 
 
 def _check_pixels(width: int, height: int, max_pixels: int, what: str = "image") -> None:
@@ -234,8 +276,82 @@ def _check_pixels(width: int, height: int, max_pixels: int, what: str = "image")
         )
 
 
-def _raster_header(data: bytes, fmt: str) -> tuple[int, int]:
-    """Width and height from the header alone: no pixel data is read.
+def _check_memory(what: str, width: int, height: int, per_pixel: float, held: int, max_memory: int,
+                  extra_bytes_per_pixel: float) -> None:
+    """Refuse a decode whose estimated peak memory is over `max_memory`, before it starts.
+
+    The estimate is `held` (the file's bytes and the decoder's copies of them) plus, per pixel, the decode's
+    working arrays (`per_pixel`, measured per format) and the caller's later stages. A decompression bomb
+    is small on the wire but large here, whatever its ratio.
+    """
+    need = held + width * height * (per_pixel + extra_bytes_per_pixel)
+    if need > max_memory:
+        raise ImageDecodeError(
+            f"decoding this {what} ({width}x{height}) would need about {need / 1e6:,.0f} MB of memory, over the limit "
+            f"of {max_memory / 1e6:,.0f} MB; it was refused before decoding",
+            "over_budget",
+        )
+
+
+# Start-of-frame markers (not DHT 0xC4, JPG 0xC8, DAC 0xCC), with JPEG-LS's 0xF7; the progressive ones
+_SOF_MARKERS = {*range(0xC0, 0xC4), *range(0xC5, 0xC8), *range(0xC9, 0xCC), *range(0xCD, 0xD0), 0xF7}
+_PROGRESSIVE_SOF = {0xC2, 0xC6, 0xCA, 0xCE}
+
+
+_JPEG_FILL = re.compile(rb"\xff+")  # fill bytes before a marker
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7]")  # the end of a scan's data: 0xFF not stuffed, not a restart
+_MAX_JPEG_SEGMENTS = 10_000  # a JPEG has tens; millions of empty segments would keep this walk busy
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, int, int, bool]:
+    """(width, height, components, scans, progressive) of a JPEG (or JPEG-LS) stream, from its markers alone.
+
+    Each scan's entropy-coded data is skipped to the next marker (inside it 0xFF is always followed
+    by 0x00 or a restart marker), so the scan count is exact. A stream that ends early just ends the walk.
+    """
+    width = height = components = scans = segments = 0
+    progressive = False
+    pos, end = 2, len(data)
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:  # extraneous bytes before a marker: libjpeg skips them with a warning
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+        pos = _JPEG_FILL.match(data, pos).end() - 1
+        marker = data[pos + 1] if pos + 1 < end else 0xD9
+        if marker == 0xD9:  # end of image
+            break
+        segments += 1
+        if segments > _MAX_JPEG_SEGMENTS:
+            raise ImageDecodeError(f"the JPEG has more than {_MAX_JPEG_SEGMENTS:,} marker segments; it was refused",
+                                   "over_budget")
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if marker in _SOF_MARKERS and pos + 10 <= end:
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            components = data[pos + 9]
+            progressive = marker in _PROGRESSIVE_SOF
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            found = _JPEG_MARKER.search(data, pos)
+            pos = found.start() if found else end
+    return width, height, components, scans, progressive
+
+
+def _check_jpeg_scans(scans: int, what: str = "JPEG") -> None:
+    if scans > MAX_JPEG_SCANS:
+        raise ImageDecodeError(
+            f"the {what} has {scans} progressive scans (at most {MAX_JPEG_SCANS} are read; each one re-decodes the "
+            "whole image); it was refused before decoding",
+            "over_budget",
+        )
+
+
+def _raster_header(data: bytes, fmt: str) -> tuple[int, int, float]:
+    """Width, height and the decode's peak working bytes per pixel, from the header alone: no pixel data is read.
 
     The format's PIL plugin is used directly (not `Image.open`) so that our own
     pixel limit, not PIL's global one, decides what is too large.
@@ -246,9 +362,29 @@ def _raster_header(data: bytes, fmt: str) -> tuple[int, int]:
               "tiff": TiffImagePlugin.TiffImageFile, "bmp": BmpImagePlugin.BmpImageFile}[fmt]
     try:
         with plugin(io.BytesIO(data)) as im:
-            return im.size
+            width, height = im.size
+            coefficients = 0
+            if fmt == "png":  # IHDR: bit depth, colour type; palette and gray+alpha come back as BGR(A)
+                channels, sample = {0: 1, 2: 3}.get(data[25], 4), 2 if data[24] == 16 else 1
+            elif fmt == "tiff":
+                bits = im.tag_v2.get(258, 8)
+                bits = max(bits) if isinstance(bits, tuple) else bits
+                channels, sample = int(im.tag_v2.get(277, 1)), max(1, -(-int(bits) // 8))
+            elif fmt == "jpeg":
+                *_, components, scans, progressive = _jpeg_header(data)
+                _check_jpeg_scans(scans)
+                channels, sample = (1 if components == 1 else 3), 1
+                coefficients = 2 * components if progressive else 0  # libjpeg keeps every DCT coefficient (int16)
+            else:  # bmp
+                channels, sample = 4, 1
+    except ImageDecodeError:
+        raise
     except Exception as err:  # noqa: BLE001 - PIL raises many types for bad headers
         raise ImageDecodeError(f"the {fmt.upper()} header is unreadable ({type(err).__name__})", "corrupt") from None
+    decoded = channels * sample
+    gray = (sample if sample in (1, 2) else 4) if channels > 1 or sample not in (1, 2) else 0
+    # Measured: OpenCV holds the decoded image twice while decoding, then the gray copy sits beside it.
+    return width, height, max(2 * decoded + coefficients, decoded + gray) + 1
 
 
 def _jpeg_is_truncated(data: bytes) -> bool:
@@ -273,9 +409,10 @@ def _png_chunks_fit(data: bytes) -> bool:
     return True
 
 
-def _load_raster(data: bytes, fmt: str, max_pixels: int) -> LoadedImage:
-    width, height = _raster_header(data, fmt)
+def _load_raster(data: bytes, fmt: str, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float) -> LoadedImage:
+    width, height, per_pixel = _raster_header(data, fmt)
     _check_pixels(width, height, max_pixels)
+    _check_memory(f"{fmt.upper()} image", width, height, per_pixel, 2 * len(data), max_memory, extra_bytes_per_pixel)
     if fmt == "png" and not _png_chunks_fit(data):
         raise ImageDecodeError("the PNG is truncated or declares a chunk longer than the file", "corrupt")
     repaired = False
@@ -314,14 +451,31 @@ def _to_gray(arr: np.ndarray) -> np.ndarray:
 
 
 def _dicom_window(values: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1] (LINEAR, LINEAR_EXACT, SIGMOID)."""
-    if function == "SIGMOID":
-        return 1.0 / (1.0 + np.exp(-4.0 * (values - center) / width))
-    if function == "LINEAR_EXACT":
-        return np.clip((values - center) / width + 0.5, 0.0, 1.0)
-    if width < 1:  # LINEAR requires width >= 1
+    """DICOM PS3.3 C.11.2.1.2 windowing to [0, 1] (LINEAR, LINEAR_EXACT, SIGMOID), in place on `values` (float64).
+
+    In place because the float64 copies are most of what a large DICOM costs; the arithmetic and its order are
+    those of the formulas, so the result is the same to the bit. Invalid widths raise before anything changes.
+    """
+    if function in ("SIGMOID", "LINEAR_EXACT"):
+        if not width > 0:  # both require width > 0: 0 binarised the image (and gave NaN for SIGMOID)
+            raise ValueError("window width must be above 0")
+    elif width < 1:  # LINEAR requires width >= 1
         raise ValueError("window width below 1")
-    return np.clip((values - (center - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+    if function == "SIGMOID":  # 1 / (1 + exp(-4 (x - c) / w))
+        values -= center
+        values *= -4.0
+        values /= width
+        np.exp(values, out=values)
+        values += 1.0
+        return np.divide(1.0, values, out=values)
+    if function == "LINEAR_EXACT":  # (x - c) / w + 0.5
+        values -= center
+        values /= width
+    else:  # (x - (c - 0.5)) / (w - 1) + 0.5
+        values -= center - 0.5
+        values /= width - 1
+    values += 0.5
+    return np.clip(values, 0.0, 1.0, out=values)
 
 
 def _first(value: Any) -> float:
@@ -331,20 +485,158 @@ def _first(value: Any) -> float:
     return float(value)
 
 
-def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
+# The only elements pydicom parses (besides the file meta): a file of millions of tiny elements otherwise costs
+# seconds and ~250 bytes each, and patient data is never read at all.
+_DICOM_TAGS = [
+    "SpecificCharacterSet", "Modality", "BodyPartExamined", "SamplesPerPixel", "PhotometricInterpretation",
+    "NumberOfFrames", "PlanarConfiguration", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "WindowCenter", "WindowWidth", "RescaleIntercept", "RescaleSlope", "RescaleType",
+    "VOILUTFunction", "ModalityLUTSequence", "VOILUTSequence", "ExtendedOffsetTable", "ExtendedOffsetTableLengths",
+    "PixelData",
+]
+
+
+def _dicom_stream(data: bytes, cap: int) -> tuple[bytes, str | None]:
+    """The bytes pydicom should read, and the original transfer syntax when they had to be inflated.
+
+    pydicom inflates a Deflated Explicit VR Little Endian dataset without any limit (and then reads it from
+    a buffer of its own). Here it is inflated 1 MB at a time, refused past `cap`, and put behind a file meta
+    that says Explicit VR Little Endian, so that the same bounded reading applies to it.
+    """
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filereader import read_dataset, read_preamble
+    from pydicom.filewriter import write_file_meta_info
+
+    fp = io.BytesIO(data)
+    read_preamble(fp, False)
+    meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                        stop_when=lambda tag, vr, length: tag >> 16 != 2)
+    syntax = meta.get("TransferSyntaxUID")
+    if syntax != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return data, None
+    inflater, parts, total = zlib.decompressobj(-zlib.MAX_WBITS), [], 0
+    view = memoryview(data)[fp.tell():]
+    for start in range(0, len(view), 1 << 16):
+        chunk = view[start : start + (1 << 16)]
+        while chunk:
+            parts.append(inflater.decompress(chunk, 1 << 20))
+            total += len(parts[-1])
+            if total > cap:
+                raise ImageDecodeError(
+                    f"the deflated DICOM file inflates to more than {cap / 1e6:.0f} MB (it is "
+                    f"{len(data) / 1e6:.1f} MB on the wire); it was refused", "over_budget")
+            chunk = inflater.unconsumed_tail
+    file_meta = pydicom.dataset.FileMetaDataset(meta)
+    file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    header = DicomBytesIO()
+    header.is_little_endian, header.is_implicit_VR = True, False
+    write_file_meta_info(header, file_meta, enforce_standard=False)
+    return data[:132] + header.getvalue() + b"".join(parts), str(syntax)
+
+
+class _CountedReads(io.BytesIO):
+    """A file for pydicom that refuses more than `MAX_DICOM_READS` reads.
+
+    Parsing costs per element, not per byte: millions of tiny elements, or sequence items (which pydicom
+    parses even when they are not asked for), cost seconds and ~0.7 kB each. Every element is at least
+    one read, so counting reads bounds both.
+    """
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.reads = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        self.reads += 1
+        if self.reads > MAX_DICOM_READS:
+            raise ImageDecodeError(f"the DICOM file has more than {MAX_DICOM_READS:,} elements or items to parse; "
+                                   "it was refused", "over_budget")
+        return super().read(size)
+
+
+def _first_fragment(pixel_data: bytes) -> bytes:
+    """The first fragment of encapsulated pixel data (after the Basic Offset Table item)."""
+    from pydicom.encaps import generate_fragments
+
+    fragments = generate_fragments(pixel_data)
+    next(fragments, None)  # the Basic Offset Table
+    return next(fragments, b"")
+
+
+def _j2k_header(fragment: bytes) -> tuple[int, int, int]:
+    """(width, height, components) from a JPEG 2000 codestream's SIZ marker (a JP2 wrapper is walked to its jp2c box)."""
+    pos = 0
+    if fragment[4:12] == b"jP  \r\n\x87\n":  # JP2 file format: boxes of length, type
+        while pos + 8 <= len(fragment) and fragment[pos + 4 : pos + 8] != b"jp2c":
+            size = int.from_bytes(fragment[pos : pos + 4], "big")
+            if size == 1:
+                size = int.from_bytes(fragment[pos + 8 : pos + 16], "big")
+            if size < 8:
+                break
+            pos += size
+        pos += 8
+    if fragment[pos : pos + 4] != b"\xff\x4f\xff\x51" or len(fragment) < pos + 42:
+        raise ImageDecodeError("the DICOM JPEG 2000 frame does not start with a codestream header (SIZ)", "corrupt")
+    xsiz, ysiz, x0, y0 = (int.from_bytes(fragment[pos + 8 + 4 * i : pos + 12 + 4 * i], "big") for i in range(4))
+    return xsiz - x0, ysiz - y0, int.from_bytes(fragment[pos + 40 : pos + 42], "big")
+
+
+def _check_dicom_frame(ds: Any, tsuid: Any, rows: int, cols: int) -> int:
+    """Check the first compressed frame's own header against Rows x Columns; the decode's extra bytes per pixel.
+
+    The JPEG and JPEG 2000 decoders allocate what the codestream declares, so a frame larger than its tags
+    is refused here, and a progressive JPEG's scans are counted as for a JPEG file.
+    """
+    import pydicom.uid as uids
+
+    if tsuid in uids.JPEGTransferSyntaxes or tsuid in uids.JPEGLSTransferSyntaxes:
+        width, height, components, scans, progressive = _jpeg_header(_first_fragment(ds.PixelData))
+        _check_jpeg_scans(scans, "DICOM JPEG frame")
+        extra = 2 * components if progressive else 0
+    elif tsuid in uids.JPEG2000TransferSyntaxes or str(tsuid).startswith("1.2.840.10008.1.2.4.20"):  # with HTJ2K
+        width, height, components = _j2k_header(_first_fragment(ds.PixelData))
+        extra = 4 * components  # OpenJPEG decodes into 32-bit planes
+    else:
+        return 0
+    if (width, height) != (cols, rows):
+        raise ImageDecodeError(f"the DICOM compressed frame is {width}x{height} but its Columns x Rows say "
+                               f"{cols}x{rows}", "corrupt")
+    return extra
+
+
+def _decoder_available(tsuid: Any) -> bool:
+    from pydicom.pixels import get_decoder
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data))
+        return bool(get_decoder(tsuid).is_available)
+    except Exception:  # noqa: BLE001 - pydicom raises NotImplementedError for syntaxes it has no decoder for
+        return False
+
+
+def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float) -> LoadedImage:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+
+    stream, deflated_syntax = _dicom_stream(data, min(MAX_INFLATED_DICOM, max_memory // 2))
+    try:
+        ds = pydicom.dcmread(_CountedReads(stream), specific_tags=_DICOM_TAGS)
+    except ImageDecodeError:
+        raise
     except Exception as err:  # noqa: BLE001
         raise ImageDecodeError(f"the DICOM file is unreadable ({type(err).__name__})", "corrupt") from None
     if "PixelData" not in ds:
         raise ImageDecodeError("the DICOM file holds no image (no PixelData)", "corrupt")
+    for keyword in ("ModalityLUTSequence", "VOILUTSequence"):
+        raw = ds.get_item(keyword)  # still bytes: pydicom parses them on first access, past the read count
+        if raw is not None and isinstance(raw.value, bytes) and len(raw.value) > MAX_LUT_SEQUENCE_BYTES:
+            raise ImageDecodeError(f"the DICOM {keyword} is {len(raw.value) / 1e6:.1f} MB; a LUT sequence holds "
+                                   f"at most {MAX_LUT_SEQUENCE_BYTES / 1e6:.0f} MB", "corrupt")
     try:
         rows, cols = int(ds.Rows), int(ds.Columns)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        sample_bytes = max(1, -(-int(ds.get("BitsAllocated", 16) or 16) // 8))
     except (AttributeError, TypeError, ValueError):
         raise ImageDecodeError("the DICOM file lacks valid Rows/Columns", "corrupt") from None
     _check_pixels(cols, rows, max_pixels, "DICOM image")
@@ -353,26 +645,34 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
     file_meta = getattr(ds, "file_meta", None)
     tsuid = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    # Per pixel: the decoded frame twice (decoder output, array), the float64 values, a mask and the uint8 result;
+    # colour adds float32 planes, a VOI LUT its int64 indices and float64 output (16-bit gray: 14 here, 12.1 measured).
+    per_pixel = (2 * samples * sample_bytes + 10 + (16 if samples > 1 else 0) + (24 if "VOILUTSequence" in ds else 0)
+                 + _check_dicom_frame(ds, tsuid, rows, cols))
+    # held: the upload, what pydicom read (the inflated copy, when deflated) and pydicom's copy of the pixel data
+    held = len(data) + (len(stream) if deflated_syntax else 0) + len(stream)
+    _check_memory("DICOM image", cols, rows, per_pixel, held, max_memory, extra_bytes_per_pixel)
     try:
-        pixels = ds.pixel_array
+        # Only the first frame: pydicom decodes every frame the data holds, even past NumberOfFrames.
+        pixels = pixel_array(ds, index=0)
     except Exception as err:  # noqa: BLE001 - the pixel handlers raise various types
         syntax = f"{tsuid.name} ({tsuid})" if tsuid is not None else "unknown"
         try:
             compressed = tsuid is not None and tsuid.is_compressed
         except ValueError:  # the UID is not a transfer syntax at all
             compressed = False
-        if compressed:
+        if compressed and not _decoder_available(tsuid):
             raise ImageDecodeError(
                 f"the DICOM pixel data uses the compressed transfer syntax {syntax}, which no installed "
                 "decoder can read (Bone-R installs pylibjpeg for JPEG, JPEG-LS and JPEG 2000; RLE is built in)",
                 "unsupported_compression",
             ) from None
-        raise ImageDecodeError(f"the DICOM pixel data could not be decoded ({type(err).__name__}, syntax {syntax})", "corrupt") from None
-    if pixels.ndim == (4 if samples > 1 else 3):
-        # radiographs: the first frame (pydicom returns every frame the data holds, even past NumberOfFrames)
+        raise ImageDecodeError(f"the DICOM pixel data is corrupt and could not be decoded ({type(err).__name__}, "
+                               f"syntax {syntax})", "corrupt") from None
+    if pixels.ndim == (4 if samples > 1 else 3):  # a stack after all: keep the first frame
         pixels = pixels[0]
     tags: dict[str, Any] = {
-        "TransferSyntaxUID": str(tsuid) if tsuid is not None else None,
+        "TransferSyntaxUID": deflated_syntax or (str(tsuid) if tsuid is not None else None),
         "PhotometricInterpretation": photometric,
         "BitsStored": int(ds.get("BitsStored", 0) or 0),
         "Modality": str(ds.get("Modality", "")),
@@ -390,6 +690,9 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
             value = float(ds.get(key, default) or default)
             tags[key] = value if math.isfinite(value) else None  # JSON has no NaN or infinity
     values = np.asarray(apply_modality_lut(pixels, ds), dtype=np.float64)
+    del pixels  # from here on one float64 array is worked on in place
+    if not values.flags.writeable:
+        values = values.copy()
     if not np.isfinite(values).all():
         raise ImageDecodeError("the DICOM rescale (RescaleSlope/Intercept) gives non-finite pixel values", "corrupt")
 
@@ -415,19 +718,23 @@ def _load_dicom(data: bytes, max_pixels: int) -> LoadedImage:
             if center + width / 2 < values.min() or center - width / 2 > values.max():
                 # A window that misses every stored value gives a blank image (seen in real files).
                 raise ValueError("window outside the data")
-            display = _dicom_window(values, center, width, function)
             n_windows = len(ds.WindowCenter) if type(ds.WindowCenter).__name__ == "MultiValue" else 1
+            display = _dicom_window(values, center, width, function)  # last: it overwrites `values`
             tags.update(voi="window", WindowCenter=center, WindowWidth=width, VOILUTFunction=function, windows_in_file=n_windows)
         except (ValueError, TypeError, ZeroDivisionError):
             display = None
             tags["window_error"] = "WindowCenter/WindowWidth invalid or outside the pixel data; min-max used"
     if display is None:
         lo, hi = float(values.min()), float(values.max())
-        display = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
+        values -= lo  # (x - lo) / (hi - lo), in place
+        if hi > lo:
+            values /= hi - lo
+        display = values
         tags["voi"] = "minmax"
     if photometric == "MONOCHROME1":
-        display = 1.0 - display
-    gray = np.round(display * 255.0).astype(np.uint8)
+        np.subtract(1.0, display, out=display)
+    display *= 255.0
+    gray = np.round(display, out=display).astype(np.uint8)
     meta = ImageMeta("dicom", tags["BitsStored"] or 8, cols, rows, samples, dicom=tags)
     return LoadedImage(gray, meta)
 
@@ -886,20 +1193,16 @@ class Predictor:
 
 # --------------------------------------------------------------------------- drawing
 
-# One palette for every overlay (Okabe-Ito, colour-blind safe), RGB.
-PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167)]
+# Boxes are drawn in one place: bone_r.draw (labels outside their box, never over each other; the key and the
+# disclaimer band below the image). PALETTE is its colour-blind-safe palette (Okabe-Ito), RGB.
+from bone_r import draw as _draw  # noqa: E402
+
+PALETTE = _draw.PALETTE
 
 
 def display_image(gray: np.ndarray) -> np.ndarray:
     """An RGB uint8 view of `load_image`'s grayscale for drawing on (no CLAHE)."""
     return cv2.cvtColor(to_uint8(gray), cv2.COLOR_GRAY2RGB)
-
-
-def _hint_words(hints: dict[str, Any]) -> str:
-    """A short best-guess line from `guess_type_and_severity`'s hints, e.g. "focal, mild or subtle (best guess)"."""
-    kind = str(hints.get("type", "")).split(" (")[0]
-    words = ", ".join(str(p) for p in (kind, hints.get("severity", "")) if p)
-    return f"{words} (best guess)" if words else "best guess"
 
 
 def draw_overlay(
@@ -910,118 +1213,16 @@ def draw_overlay(
     show_hints: bool = True,
     title: str | None = None,
     legend: list[str] | None = None,
+    truth: list[tuple[float, float, float, float]] | None = None,
 ) -> np.ndarray:
-    """Boxes, scores and best-guess hints on a copy of `rgb`, with a legend and the disclaimer band.
+    """Boxes, scores and best-guess hints on a copy of `rgb`; below it the key and the disclaimer band.
 
-    Boxes are in the image's pixels. Each model gets its own colour from `PALETTE`
-    (or `colors`), in order of first appearance, and a legend entry; `legend` lists
-    models to show (in that order) even when they have no box on this image. Labels
-    sit on a dark plate above the box (else below or inside it) and are moved so
-    that they never cover each other or the legend. The band added at the bottom
-    says that this is a research tool, not a diagnosis.
+    `bone_r.draw.draw_overlay`: each model its own colour (`PALETTE`, or `colors`) and key
+    entry (`legend` lists models to show even without a box here); `truth` boxes dashed;
+    labels outside the box they name and never over each other, or numbered tags with
+    the numbers listed in the key when the boxes are crowded. As wide as the image.
     """
-    canvas = np.ascontiguousarray(rgb.copy())
-    if canvas.ndim == 2:
-        canvas = cv2.cvtColor(canvas, cv2.COLOR_GRAY2RGB)
-    h, w = canvas.shape[:2]
-    unit = max(1.0, max(h, w) / 800.0)  # line and text scale for large radiographs
-    thick = max(1, round(2 * unit))
-    text_thick = max(1, round(unit))
-    font = cv2.FONT_HERSHEY_SIMPLEX
-    fscale = 0.5 * unit
-    pad = max(2, round(3 * unit))
-    models = list(dict.fromkeys([*(legend or []), *(d.model or "model" for d in detections)]))
-    colors = dict(colors or {})
-    for i, name in enumerate(models):
-        colors.setdefault(name, PALETTE[i % len(PALETTE)])
-    placed: list[tuple[int, int, int, int]] = []  # x1, y1, x2, y2 of every label plate and the legend
-
-    def fitted(s: str, scale: float, width: float) -> tuple[float, int, int, int]:
-        """The scale at which `s` fits `width` (never above `scale`), and the text's width, height, baseline."""
-        (tw, th), base = cv2.getTextSize(s, font, scale, text_thick)
-        if tw > width > 0:
-            scale *= width / tw
-            (tw, th), base = cv2.getTextSize(s, font, scale, text_thick)
-        return scale, tw, th, base
-
-    def plate(lines: list[tuple[str, tuple[int, int, int], float]], x: int, y: int) -> None:
-        """Darken a plate under `lines` (text, colour, scale) with its top-left at (x, y), then write them."""
-        sizes = [fitted(s, scale, w - 2 * pad) for s, _, scale in lines]
-        bw = max(tw for _, tw, _, _ in sizes) + 2 * pad
-        bh = sum(th + base + pad for _, _, th, base in sizes) + pad
-        region = canvas[max(0, y):min(h, y + bh), max(0, x):min(w, x + bw)]
-        region[:] = (region.astype(np.float32) * 0.3).astype(np.uint8)
-        ty = y + pad
-        for (s, color, _), (scale, _, th, base) in zip(lines, sizes):
-            ty += th
-            cv2.putText(canvas, s, (x + pad, ty), font, scale, color, text_thick, cv2.LINE_AA)
-            ty += base + pad
-
-    def plate_size(lines: list[tuple[str, tuple[int, int, int], float]]) -> tuple[int, int]:
-        sizes = [fitted(s, scale, w - 2 * pad) for s, _, scale in lines]
-        return max(tw for _, tw, _, _ in sizes) + 2 * pad, sum(th + base + pad for _, _, th, base in sizes) + pad
-
-    def free(r: tuple[int, int, int, int]) -> bool:
-        return not any(r[0] < q[2] and q[0] < r[2] and r[1] < q[3] and q[1] < r[3] for q in placed)
-
-    for det in detections:
-        x1, y1, x2, y2 = (int(round(v)) for v in det.xyxy)
-        cv2.rectangle(canvas, (x1, y1), (x2, y2), colors[det.model or "model"], thick)
-    # legend: in the corner that covers the least box area
-    if models or title:
-        entries = [(name, colors[name]) for name in models] + ([(title, (255, 255, 255))] if title else [])
-        sizes = [fitted(s, fscale, w - 4 * pad - 12 * unit) for s, _ in entries]
-        swatch = max(th for _, _, th, _ in sizes)
-        lw = max(tw for _, tw, _, _ in sizes) + swatch + 4 * pad
-        lh = sum(th + base + pad for _, _, th, base in sizes) + pad
-        lw, lh = min(lw, w), min(lh, h)
-        corners = [(0, 0), (w - lw, 0), (0, h - lh), (w - lw, h - lh)]
-
-        def covered(x: int, y: int) -> float:
-            return sum(max(0.0, min(x + lw, d.xyxy[2]) - max(x, d.xyxy[0])) * max(0.0, min(y + lh, d.xyxy[3]) - max(y, d.xyxy[1]))
-                       for d in detections)
-
-        lx, ly = min(corners, key=lambda c: covered(*c))  # ties: the first, top-left
-        region = canvas[ly:ly + lh, lx:lx + lw]
-        region[:] = (region.astype(np.float32) * 0.3).astype(np.uint8)
-        ty = ly + pad
-        for i, ((s, color), (scale, _, th, base)) in enumerate(zip(entries, sizes)):
-            ty += th
-            is_model = i < len(models)
-            if is_model:
-                cv2.rectangle(canvas, (lx + pad, ty - th), (lx + pad + swatch, ty), color, -1)
-            tx = lx + pad + (swatch + pad if is_model else 0)
-            cv2.putText(canvas, s, (tx, ty), font, scale, color if is_model else (255, 255, 255), text_thick, cv2.LINE_AA)
-            ty += base + pad
-        placed.append((lx, ly, lx + lw, ly + lh))
-    # labels, best score first so the strongest finding gets the best place
-    for det in sorted(detections, key=lambda d: d.score, reverse=True):
-        x1, y1, x2, y2 = (int(round(v)) for v in det.xyxy)
-        color = colors[det.model or "model"]
-        lines = [(f"{det.label} {det.score:.2f}", color, fscale)]
-        if show_hints and det.hints:
-            lines.append((_hint_words(det.hints), color, fscale * 0.85))
-        bw, bh = plate_size(lines)
-        x = max(0, min(x1, w - bw))
-        candidates = [y1 - thick - bh, y2 + thick + 1, y1 + thick + 1]
-        candidates = [y for y in candidates if 0 <= y <= h - bh] or [max(0, min(y1, h - bh))]
-        top = next((y for y in candidates if free((x, y, x + bw, y + bh))), None)
-        if top is None:  # slide down (then up) from the preferred place until it is free
-            start = candidates[0]
-            steps = [start + k * bh // 2 for k in range(1, 2 * h // max(bh, 1) + 2)] + [start - k * bh // 2 for k in range(1, 2 * h // max(bh, 1) + 2)]
-            top = next((y for y in steps if 0 <= y <= h - bh and free((x, y, x + bw, y + bh))), start)
-        plate(lines, x, top)
-        placed.append((x, top, x + bw, top + bh))
-    # disclaimer band, bottom
-    msg = "Research tool - not a diagnosis" + ("" if detections else " | no finding above threshold")
-    scale, _, th, base = fitted(msg, fscale, w - 2 * pad)
-    if scale < 0.3:  # too narrow for the whole sentence: the essential part, as large as it fits
-        msg = "Not a diagnosis"
-        scale, _, th, base = fitted(msg, fscale, w - 2 * pad)
-    band_h = max(int(26 * unit), th + base + 2 * pad)
-    band = np.full((band_h, w, 3), 40, np.uint8)
-    cv2.putText(band, msg, (pad, (band_h + th) // 2 - 1), font, scale, (255, 255, 255), text_thick, cv2.LINE_AA)
-    return np.vstack([canvas, band])
+    return _draw.draw_overlay(rgb, detections, colors=colors, show_hints=show_hints, title=title, legend=legend, truth=truth)
 
 
 def encode_png(rgb: np.ndarray) -> bytes:
@@ -1038,19 +1239,51 @@ def overlay_for(prediction: Prediction, loaded: LoadedImage, **kw: Any) -> np.nd
 # --------------------------------------------------------------------------- CLI
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Images under `folder` (recursively): known suffixes, plus suffix-less DICOM files."""
-    found = []
+def scan_folder(folder: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Images under `folder` (recursively: known suffixes, plus suffix-less DICOM files), and the entries that
+    could not be looked at, each with the reason: dangling or looping links, FIFOs, sockets and devices (never
+    opened: reading a FIFO blocks), unreadable suffix-less files. Hidden files and directories' links are left out."""
+    found: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
     for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith("."):
+        if path.name.startswith("."):
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        try:
+            mode = path.stat().st_mode  # follows links
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                skipped.append((path, "a symbolic link that loops"))
+            else:
+                skipped.append((path, "a dangling symbolic link" if path.is_symlink() else f"cannot read ({err.strerror})"))
+            continue
+        if stat.S_ISDIR(mode):
+            continue
+        if not stat.S_ISREG(mode):
+            skipped.append((path, "not a regular file (a FIFO, socket or device)"))
+        elif path.suffix.lower() in IMAGE_SUFFIXES:
             found.append(path)
         elif path.suffix == "":
-            with open(path, "rb") as fh:
-                if sniff_format(fh.read(132)) == "dicom":
-                    found.append(path)
-    return found
+            try:
+                with open(path, "rb") as fh:
+                    head = fh.read(132)
+            except OSError as err:
+                skipped.append((path, f"cannot read ({err.strerror or err})"))
+                continue
+            if sniff_format(head) == "dicom":
+                found.append(path)
+    return found, skipped
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Images under `folder` (recursively): known suffixes, plus suffix-less DICOM files (see `scan_folder`)."""
+    return scan_folder(folder)[0]
+
+
+def overlay_path(out: Path, folder: Path, image: Path) -> Path:
+    """Where folder mode writes an image's overlay: its path below `folder` with ".png" added, so that
+    a.png, a.jpg and sub/a.png get a.png.png, a.jpg.png and sub/a.png.png instead of overwriting each other."""
+    relative = image.relative_to(folder)
+    return out / relative.parent / f"{relative.name}.png"
 
 
 CSV_FIELDS = ["image", "fracture_detected", "mode", "threshold", "n_detections", "max_score", "rank", "x1", "y1", "x2", "y2", "score", "type_hint", "severity_hint", "error"]
@@ -1093,6 +1326,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", type=Path, default=None, help="write a flat table, one row per detection")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels")
+    p.add_argument("--max-memory-mb", type=float, default=DEFAULT_MAX_MEMORY / 1e6,
+                   help="refuse images whose decode (and overlay) would need more memory, estimated from the header")
     return p
 
 
@@ -1101,12 +1336,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.conf is not None and not 0 <= args.conf <= 1:
         print(f"error: --conf must lie in [0, 1], got {args.conf}", file=sys.stderr)
         return 2
+    if not args.max_memory_mb > 0:
+        print(f"error: --max-memory-mb must be above 0, got {args.max_memory_mb}", file=sys.stderr)
+        return 2
     if not args.image.exists():
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2
     folder = args.image.is_dir()
-    images = list_images(args.image) if folder else [args.image]
-    if not images:
+    images, skipped = scan_folder(args.image) if folder else ([args.image], [])
+    if not images and not skipped:
         print(f"error: no images found in {args.image}", file=sys.stderr)
         return 2
     try:
@@ -1117,15 +1355,22 @@ def main(argv: list[str] | None = None) -> int:
     if folder and args.out:
         args.out.mkdir(parents=True, exist_ok=True)
     records, failures = [], 0
+    for path, reason in skipped:  # reported like any image that failed: a line here, a record in the JSON/CSV
+        failures += 1
+        records.append({"image": str(path), "error": f"skipped: {reason}"})
+        print(f"error: {path}: skipped: {reason}", file=sys.stderr)
     progress = images
     if folder:
         from tqdm import tqdm
 
         progress = tqdm(images, desc="predict", unit="img")
+    # the overlay is drawn at the original size: its memory is part of the decode budget
+    overlay_cost = OVERLAY_BYTES_PER_PIXEL if args.out else 0
     for path in progress:
         try:
             t0 = time.perf_counter()
-            loaded = load_image(path, max_pixels=args.max_pixels)
+            loaded = load_image(path, max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
+                                extra_bytes_per_pixel=overlay_cost)
             decode_ms = (time.perf_counter() - t0) * 1e3
             pred = predictor.predict_loaded(loaded, str(path), args.mode, args.conf, timings={"decode_ms": decode_ms})
         except ImageDecodeError as err:
@@ -1135,7 +1380,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         records.append(pred.to_record())
         if args.out:
-            out = args.out / f"{path.stem}.png" if folder else args.out
+            out = overlay_path(args.out, args.image, path) if folder else args.out
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(encode_png(overlay_for(pred, loaded)))
         if not folder:

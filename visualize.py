@@ -6,9 +6,13 @@
     python visualize.py --image xray.png --predictions results.json --out overlay.jpg
     # a folder of images -> a folder of overlays (never inside the input folder)
     python visualize.py --image scans/ --predictions results.json --out overlays/
+    # with the ground truth drawn dashed (YOLO labels: one .txt, or a folder of <image stem>.txt)
+    python visualize.py --image data/merged/images/test/x.png --truth data/merged/labels/test --out overlay.png
 
-The drawing is `inference.draw_overlay`, the same code the service's `overlay=true`
-uses; images are decoded by `inference.load_image` only. Saved predictions are shown
+The drawing is `inference.draw_overlay` (`bone_r.draw`), the same code the service's
+`overlay=true` uses: labels outside the box they name and never over each other (or
+numbered tags and a key when boxes crowd), the key and the disclaimer below the image.
+Images are decoded by `inference.load_image` only. Saved predictions are shown
 down to each record's own threshold (or `--conf`), so records kept down to score 0.001
 for evaluation still draw only the boxes a user would see.
 
@@ -109,6 +113,29 @@ def detections_from_record(record: dict[str, Any], size: tuple[int, int], conf: 
     return out
 
 
+def truth_for(image: Path, truth: Path | None, size: tuple[int, int]) -> list[tuple[float, ...]] | None:
+    """Ground-truth boxes of `image` in its pixels from YOLO labels (None without `truth`).
+
+    `truth` is one label file, or a folder holding ``<image stem>.txt``; an image without
+    a file there has no fracture marked (as evaluate.py counts a missing label file).
+    Every row is a box (a polygon row: its bounding box), as in evaluate.py.
+    """
+    if truth is None:
+        return None
+    from evaluate import EvaluationError, read_yolo_boxes
+
+    label = truth / f"{image.stem}.txt" if truth.is_dir() else truth
+    if not label.is_file():
+        if truth.is_dir():
+            return []
+        raise VisualizeError(f"--truth {truth} is neither a label file nor a folder")
+    try:
+        boxes, _ = read_yolo_boxes(label, *size)
+    except EvaluationError as err:
+        raise VisualizeError(str(err)) from None
+    return [tuple(b) for b in boxes.tolist()]
+
+
 def render(loaded: inference.LoadedImage, detections: list[Detection], **kw: Any):
     """The overlay of `detections` on a decoded image: `inference.draw_overlay` on its display view."""
     return inference.draw_overlay(inference.display_image(loaded.pixels), detections, **kw)
@@ -139,8 +166,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, default=None, help="draw boxes with score >= this (overrides the mode / the record's threshold)")
     p.add_argument("--out", required=True, type=Path, help="overlay file (.png/.jpg), or a folder when --image is a folder")
     p.add_argument("--format", default="png", choices=["png", "jpg"], help="overlay format in folder mode (default png)")
+    p.add_argument("--truth", type=Path, default=None,
+                   help="ground truth to draw dashed: a YOLO label file, or a folder of <image stem>.txt")
     p.add_argument("--no-hints", action="store_true", help="leave out the best-guess type/severity line")
-    p.add_argument("--title", default=None, help="a line under the legend")
+    p.add_argument("--title", default=None, help="a line in the key below the image")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-pixels", type=int, default=inference.DEFAULT_MAX_PIXELS)
     return p
@@ -160,6 +189,8 @@ def _run(args: argparse.Namespace) -> int:
         raise VisualizeError(f"--conf must lie in [0, 1], got {args.conf}")
     if not args.image.exists():
         raise VisualizeError(f"{args.image} does not exist")
+    if args.truth is not None and not args.truth.exists():
+        raise VisualizeError(f"--truth {args.truth} does not exist")
     folder = args.image.is_dir()
     if folder:
         images = inference.list_images(args.image)
@@ -199,11 +230,12 @@ def _run(args: argparse.Namespace) -> int:
                 detections = pred.detections
             else:
                 detections = detections_from_record(find_record(records, path), loaded.meta.size, args.conf)
+            truth = truth_for(path, args.truth, loaded.meta.size)
         except (inference.ImageDecodeError, VisualizeError) as err:
             failed += 1
             _error(f"error: {path}: {err}", folder)
             continue
-        rgb = render(loaded, detections, show_hints=not args.no_hints, title=args.title)
+        rgb = render(loaded, detections, show_hints=not args.no_hints, title=args.title, truth=truth)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_bytes(encode(rgb, out.suffix))
         written += 1

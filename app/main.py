@@ -8,7 +8,11 @@ loads in the lifespan, never at import; when it cannot load (no bundled model ye
 the service still starts, `/health` says "unavailable" and why, and `/detect`
 answers 503 with the same reason. Inference runs in a small thread pool behind a
 bounded admission counter: past it, requests get 503 with Retry-After instead of
-piling up in memory. It imports `inference` and `models` only.
+piling up in memory. A request is admitted only once its body has arrived (within
+`upload_timeout_s`, against a budget of buffered upload bytes), so slow clients
+starve no one; each image's decode is refused (413) when its estimated memory is
+over `max_image_memory_mb`; and the work stops at its next stage when the client
+hangs up or `analysis_timeout_s` passes. It imports `inference` and `models` only.
 
 Research and teaching tool, not a diagnosis.
 """
@@ -17,9 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import ctypes
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -65,6 +71,13 @@ class Settings(BaseSettings):
     device: str = "cpu"
     max_upload_mb: float = Field(32.0, gt=0, description="largest accepted upload, in MB (10^6 bytes)")
     max_pixels: int = Field(inference.DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused before decoding")
+    max_image_memory_mb: float = Field(inference.DEFAULT_MAX_MEMORY / 1e6, gt=0, description=(
+        "memory one image's decode (and overlay) may need, estimated from its header before decoding; more gets 413"))
+    max_buffered_mb: float = Field(256.0, gt=0, description=(
+        "upload bytes held at once by requests still arriving, waiting or being analysed; past it, 503"))
+    upload_timeout_s: float = Field(60.0, gt=0, description="the whole body must arrive within this; else 408")
+    analysis_timeout_s: float = Field(60.0, gt=0, description=(
+        "queue wait plus analysis; past it the work is cancelled and the answer is 503"))
     max_concurrency: int = Field(1, ge=1, le=64, description="images analysed at once (one model copy each)")
     queue_limit: int = Field(16, ge=0, description="requests allowed to wait beyond those running; more get 503")
     cors_origins: str = Field("", description="comma-separated allowed origins; empty: same-origin only")
@@ -85,6 +98,11 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1_000_000)
 
     @property
+    def max_buffered_bytes(self) -> int:
+        """At least one upload of the largest size always fits."""
+        return max(int(self.max_buffered_mb * 1_000_000), self.max_upload_bytes + MULTIPART_SLACK)
+
+    @property
     def api_key(self) -> str | None:
         return self.maps_api_key.get_secret_value() if self.maps_api_key else None
 
@@ -101,6 +119,20 @@ class ApiError(Exception):
         self.status, self.error, self.message, self.headers, self.extra = status, error, message, headers, extra
 
 
+# An absolute POSIX path of two or more parts, quoted (may hold spaces) or bare; not the "//host/..." of a URL,
+# not an API route such as /detect.
+_ABSOLUTE_PATH = re.compile(r"""(?P<q>['"])(?P<quoted>/[^'"]+/[^'"]+)(?P=q)|(?<![\w/.:~-])(?P<bare>(?:/[^\s/'"`:,;()\[\]{}<>]+){2,}/?)""")
+
+
+def names_not_paths(text: str) -> str:
+    """`text` with every absolute path replaced by its file name: answers never show the server's layout."""
+    def name(m: re.Match) -> str:
+        if m["quoted"]:
+            return f"{m['q']}{Path(m['quoted']).name}{m['q']}"
+        return Path(m["bare"]).name
+    return _ABSOLUTE_PATH.sub(name, text)
+
+
 def error_response(status: int, error: str, message: str, headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
     body = ErrorResponse(error=error, message=message, status=status, **extra).model_dump(exclude_none=True)
     return JSONResponse(body, status_code=status, headers=headers)
@@ -109,6 +141,7 @@ def error_response(status: int, error: str, message: str, headers: dict[str, str
 # ImageDecodeError.kind -> (status, error word)
 DECODE_STATUS = {
     "too_many_pixels": (413, "too_many_pixels"),
+    "over_budget": (413, "decode_budget_exceeded"),
     "unsupported": (415, "unsupported_media_type"),
     "unsupported_compression": (415, "unsupported_compression"),
     "empty": (400, "empty_file"),
@@ -121,7 +154,7 @@ DECODE_STATUS = {
 
 @dataclass
 class ServiceState:
-    """What the lifespan builds: the model copies, the worker pool and the admission counter."""
+    """What the lifespan builds: the model copies, the worker pool, the admission and upload-bytes counters."""
 
     settings: Settings
     predictors: queue.Queue | None = None  # one Predictor per worker (Ultralytics models are not thread-safe)
@@ -133,6 +166,7 @@ class ServiceState:
     executor: ThreadPoolExecutor | None = None
     capacity: int = 1
     inflight: int = 0  # admitted requests: running + waiting; touched on the event loop only
+    buffered: int = 0  # upload bytes held by requests arriving, waiting or running (see `Upload`); event loop only
     avg_job_s: float = 1.0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -156,6 +190,18 @@ class ServiceState:
     def record_job(self, seconds: float) -> None:
         with self.lock:
             self.avg_job_s = 0.8 * self.avg_job_s + 0.2 * seconds
+
+
+def _return_freed_buffers_to_the_os() -> None:
+    """Have glibc give every freed allocation over 1 MB back to the OS (its own mmap, unmapped on free).
+
+    By default glibc raises that threshold to the size of the last large buffer freed (up to 32 MB), so
+    upload-sized buffers then come from the heap and stay there: RSS kept ~60 MB after each large upload.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the adjusting)
+    except (OSError, AttributeError):
+        pass  # not glibc: nothing to tune
 
 
 def _warm_up(predictor: inference.Predictor) -> None:
@@ -219,6 +265,7 @@ def create_app(settings: Settings | None = None, predictor: inference.Predictor 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         places.install_log_redaction()
+        _return_freed_buffers_to_the_os()
         state.executor = ThreadPoolExecutor(max_workers=settings.max_concurrency, thread_name_prefix="boner-infer")
         try:
             await asyncio.get_running_loop().run_in_executor(state.executor, _load_predictors, settings, state, predictor)
@@ -226,8 +273,8 @@ def create_app(settings: Settings | None = None, predictor: inference.Predictor 
         except Exception as err:  # noqa: BLE001 - any load failure leaves a running, honest service
             state.predictors = None
             hint = " (for the service: set BONER_WEIGHTS=PATH)" if isinstance(err, FileNotFoundError) else ""
-            state.load_error = f"the model could not be loaded: {err}{hint}"
-            log.error("%s", state.load_error)
+            log.error("the model could not be loaded: %s%s", err, hint)  # the operator's log keeps the full paths
+            state.load_error = names_not_paths(f"the model could not be loaded: {err}{hint}")
         try:
             yield
         finally:
@@ -256,7 +303,8 @@ def create_app(settings: Settings | None = None, predictor: inference.Predictor 
     else:
         @app.get("/", include_in_schema=False)
         async def no_viewer() -> JSONResponse:
-            return JSONResponse({"message": f"no viewer at {docs_dir}/index.html; the API is at /detect and /health",
+            return JSONResponse({"message": f"no viewer here ({docs_dir.name}/index.html is missing); the API is at "
+                                            "/detect and /health",
                                  "openapi": "/openapi.json"})
     return app
 
@@ -299,12 +347,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "the upload is empty, not multipart, or an image that cannot be decoded"},
-    413: {"model": ErrorResponse, "description": "the upload is over the size limit, or the image over the pixel limit"},
+    408: {"model": ErrorResponse, "description": "the upload did not arrive within upload_timeout_s"},
+    413: {"model": ErrorResponse, "description": "the upload is over the size limit, the image over the pixel limit, or "
+                                                 "its decode over the memory budget (decompression bombs, scan bombs)"},
     415: {"model": ErrorResponse, "description": "not an image format we read (PNG, JPEG, TIFF, BMP, DICOM), "
                                                  "or a DICOM compression no installed decoder handles"},
     422: {"model": ErrorResponse, "description": "invalid parameters (unknown mode, conf outside [0, 1], bad lat/lng, no file)"},
-    503: {"model": ErrorResponse, "description": "the model is unavailable, or the service is saturated (see Retry-After)",
-          "headers": {"Retry-After": {"description": "seconds to wait (saturation only)", "schema": {"type": "integer"}}}},
+    503: {"model": ErrorResponse, "description": "the model is unavailable, the service is saturated, or the analysis "
+                                                 "passed analysis_timeout_s (see Retry-After)",
+          "headers": {"Retry-After": {"description": "seconds to wait (saturation and timeout)", "schema": {"type": "integer"}}}},
 }
 
 DETECT_BODY = {
@@ -340,27 +391,55 @@ def consult_for(prediction: inference.Prediction) -> dict[str, str]:
         "review this radiograph; this is not a diagnosis.")}
 
 
+@dataclass
+class Outcome:
+    """What a job hands back: a prediction, or an error as plain data.
+
+    Never an exception: one travelling through the future kept the failed request's frames (and its
+    upload, and the decoder's arrays) alive in a reference cycle until the next full garbage collection.
+    """
+
+    prediction: inference.Prediction | None = None
+    png: bytes | None = None
+    error: tuple[int, str, str] | None = None  # status, error word, message
+
+
 def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: float | None, overlay: bool,
-             submitted: float) -> tuple[inference.Prediction, bytes | None]:
+             submitted: float, cancelled: threading.Event) -> Outcome:
+    """Decode, predict and draw one upload; checks `cancelled` between the stages (each one is bounded by the
+    decode budget), so a request whose client left or whose deadline passed stops at the next stage."""
+    gone = Outcome(error=(503, "cancelled", "the request was cancelled"))  # nobody reads it: the answer was given
+    if cancelled.is_set():  # still queued when it was cancelled
+        return gone
     started = time.perf_counter()
     predictor = state.predictors.get()
     try:
         t0 = time.perf_counter()
+        settings = state.settings
         try:
-            loaded = inference.load_image(data, max_pixels=state.settings.max_pixels)
-        except inference.ImageDecodeError:
-            raise
+            loaded = inference.load_image(data, max_pixels=settings.max_pixels,
+                                          max_memory=int(settings.max_image_memory_mb * 1e6),
+                                          extra_bytes_per_pixel=inference.OVERLAY_BYTES_PER_PIXEL if overlay else 0)
+        except inference.ImageDecodeError as err:
+            status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
+            return Outcome(error=(status, word, str(err)))
         except Exception as err:  # noqa: BLE001 - any decoder failure is about this input, never a 500
             log.exception("unexpected decoder failure")
-            raise inference.ImageDecodeError(f"the image could not be decoded ({type(err).__name__})", "corrupt") from None
+            return Outcome(error=(400, "undecodable_image", f"the image could not be decoded ({type(err).__name__})"))
+        if cancelled.is_set():
+            return gone
         timings = {"queue_ms": (started - submitted) * 1e3, "decode_ms": (time.perf_counter() - t0) * 1e3}
         prediction = predictor.predict_loaded(loaded, filename, mode, conf, timings=timings)
         png = None
-        if overlay:
+        if overlay and not cancelled.is_set():
             t1 = time.perf_counter()
             png = inference.encode_png(inference.overlay_for(prediction, loaded))
             prediction.timings_ms["overlay_ms"] = (time.perf_counter() - t1) * 1e3
-        return prediction, png
+        return Outcome(prediction, png)
+    except Exception as err:  # noqa: BLE001 - a decoder or model failure is about this request, never the service's end
+        log.exception("analysis failed")
+        return Outcome(error=(500, "internal_error", f"the analysis failed unexpectedly ({type(err).__name__}); "
+                                                     "see the server log"))
     finally:
         state.predictors.put(predictor)
         state.record_job(time.perf_counter() - started)
@@ -373,7 +452,42 @@ class _BodyTooLarge(Exception):
     pass
 
 
-async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+class _OverBudget(Exception):
+    pass
+
+
+class Upload:
+    """The bytes one request holds against `max_buffered_mb`, from its first chunk until its work ends.
+
+    A request takes a queue slot only once its whole body has arrived (see `detect`), so the bytes of the
+    bodies still arriving are what this bounds; slow clients hold little of it. Event loop only.
+    """
+
+    def __init__(self, state: ServiceState):
+        self.state, self.bytes = state, 0
+
+    def hold(self, n: int) -> None:
+        if self.state.buffered + n > self.state.settings.max_buffered_bytes:
+            raise _OverBudget
+        self.state.buffered += n
+        self.bytes += n
+
+    def release(self) -> None:
+        self.state.buffered = max(0, self.state.buffered - self.bytes)
+        self.bytes = 0
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit / 1e6:g} MB")
+
+
+def _busy(state: ServiceState, what: str) -> ApiError:
+    retry = state.retry_after_s()
+    return ApiError(503, "busy", f"the service is busy ({what}); retry in {retry} s",
+                    headers={"Retry-After": str(retry)}, retry_after_s=retry)
+
+
+async def _read_upload(request: Request, limit: int, upload: Upload) -> tuple[bytes, str]:
     """The `file` part's bytes, counting while the body streams in; nothing past `limit` is buffered."""
     body_limit = limit + MULTIPART_SLACK
     received = 0
@@ -384,34 +498,64 @@ async def _read_upload(request: Request, limit: int) -> tuple[bytes, str]:
             received += len(chunk)
             if received > body_limit:
                 raise _BodyTooLarge
+            upload.hold(len(chunk))
             yield chunk
 
-    too_large = ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit / 1e6:g} MB")
     parser = MultiPartParser(request.headers, limited(), max_files=1, max_fields=8)
     # The file ends up in memory anyway (the decoder takes bytes): spooling it to disk first only costs time.
     parser.spool_max_size = body_limit
     try:
         form = await parser.parse()
     except _BodyTooLarge:
-        raise too_large from None
+        raise _too_large(limit) from None
+    except _OverBudget:
+        raise _busy(upload.state, "too many uploads in progress") from None
     except MultiPartException as err:
         raise ApiError(400, "bad_multipart", f"the multipart body could not be parsed ({err})") from None
     except ClientDisconnect:
         raise ApiError(400, "client_disconnected", "the client closed the connection during the upload") from None
     try:
-        upload = form.get("file")
-        if upload is None:
+        file = form.get("file")
+        if file is None:
             raise ApiError(422, "invalid_parameters", "no `file` field in the multipart body; send the image as `file`",
                            errors=[{"param": "file", "message": "field required"}])
-        if not isinstance(upload, UploadFile):
+        if not isinstance(file, UploadFile):
             raise ApiError(422, "invalid_parameters", "the `file` field must be a file upload, not a text field",
                            errors=[{"param": "file", "message": "expected a file"}])
-        data = await upload.read(limit + 1)
+        data = await file.read(limit + 1)
         if len(data) > limit:
-            raise too_large
-        return data, (upload.filename or "")[:200]
+            raise _too_large(limit)
+        return data, (file.filename or "")[:200]
     finally:
         await form.close()
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client hangs up. The body has been read, so the next message can only be the disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)
+
+
+async def _outcome(state: ServiceState, request: Request, job: Any, cancelled: threading.Event) -> Outcome:
+    """The job's outcome; when the deadline passes or the client hangs up first, the work is cancelled (a queued
+    job never starts, a running one stops at its next stage; its slot frees when it does) and an ApiError raised."""
+    timeout_s = state.settings.analysis_timeout_s
+    result = asyncio.wrap_future(job)
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({result, watcher}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if result in done:
+        return result.result()
+    cancelled.set()
+    job.cancel()
+    if watcher in done:
+        raise ApiError(400, "client_disconnected", "the client closed the connection before the answer")
+    retry = state.retry_after_s()
+    raise ApiError(503, "analysis_timeout", f"the analysis did not finish within {timeout_s:g} s (the service may "
+                   f"be busy, or the image is very large); retry in {retry} s",
+                   headers={"Retry-After": str(retry)}, retry_after_s=retry)
 
 
 # --------------------------------------------------------------------------- routes
@@ -432,7 +576,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "clinics_lookup_enabled": bool(settings.api_key),
             "modes": list(inference.MODES),
             "limits": {"max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
-                       "max_concurrency": settings.max_concurrency, "queue_limit": settings.queue_limit},
+                       "max_image_memory_mb": settings.max_image_memory_mb, "max_buffered_mb": settings.max_buffered_mb,
+                       "max_concurrency": settings.max_concurrency, "queue_limit": settings.queue_limit,
+                       "upload_timeout_s": settings.upload_timeout_s, "analysis_timeout_s": settings.analysis_timeout_s},
             "disclaimer": inference.DISCLAIMER,
         }
 
@@ -482,29 +628,37 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
                 raise ApiError(400, "bad_request", "the Content-Length header is not a number") from None
             if declared_bytes > limit + MULTIPART_SLACK:
                 raise ApiError(413, "payload_too_large", f"the upload is larger than the limit of {limit / 1e6:g} MB")
-        if not state.try_admit():
-            retry = state.retry_after_s()
-            raise ApiError(503, "busy", f"the service is busy ({state.inflight} requests in progress); retry in {retry} s",
-                           headers={"Retry-After": str(retry)}, retry_after_s=retry)
-        submitted_job = False
+        # The body is read before the request takes a queue slot (slow clients hold none), within a time limit
+        # and against the budget of buffered upload bytes.
+        upload = Upload(state)
         try:
             t_read = time.perf_counter()
-            data, filename = await _read_upload(request, limit)
-            read_ms = (time.perf_counter() - t_read) * 1e3
-            loop = asyncio.get_running_loop()
-            submitted = time.perf_counter()
-            job = state.executor.submit(_analyse, state, data, filename, mode, conf, overlay, submitted)
-            submitted_job = True
-            # The slot frees when the work ends, not when this coroutine does (a client may hang up).
-            job.add_done_callback(lambda _: _call_soon(loop, state.release))
             try:
-                prediction, png = await asyncio.wrap_future(job)
-            except inference.ImageDecodeError as err:
-                status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
-                raise ApiError(status, word, str(err)) from None
-        finally:
-            if not submitted_job:
-                state.release()
+                data, filename = await asyncio.wait_for(_read_upload(request, limit, upload), settings.upload_timeout_s)
+            except TimeoutError:
+                raise ApiError(408, "upload_timeout", f"the upload did not arrive within {settings.upload_timeout_s:g} s"
+                               ) from None
+            read_ms = (time.perf_counter() - t_read) * 1e3
+            if not state.try_admit():
+                raise _busy(state, f"{state.inflight} requests in progress")
+            loop = asyncio.get_running_loop()
+            cancelled = threading.Event()
+            submitted = time.perf_counter()
+            job = state.executor.submit(_analyse, state, data, filename, mode, conf, overlay, submitted, cancelled)
+        except BaseException:
+            upload.release()
+            raise
+        del data  # the job has it
+
+        def free() -> None:  # the slot and the bytes free when the work ends, not when this coroutine does
+            state.release()
+            upload.release()
+
+        job.add_done_callback(lambda _: _call_soon(loop, free))
+        outcome = await _outcome(state, request, job, cancelled)
+        if outcome.error:
+            raise ApiError(*outcome.error)
+        prediction, png = outcome.prediction, outcome.png
 
         clinics = await _clinics(settings, prediction, lat, lng)
         timings = dict(prediction.timings_ms)
@@ -529,6 +683,11 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "timings_ms": {k: round(v, 2) for k, v in timings.items()},
             "overlay_png_base64": base64.b64encode(png).decode("ascii") if png is not None else None,
         }
+
+    # The same routes with a trailing slash (else /health/ reached the static docs/health file, /detect/ gave 405).
+    app.add_api_route("/health/", health, methods=["GET"], response_model=HealthResponse, include_in_schema=False)
+    app.add_api_route("/detect/", detect, methods=["POST"], response_model=DetectResponse, responses=ERROR_RESPONSES,
+                      include_in_schema=False)
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:

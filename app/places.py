@@ -4,8 +4,9 @@ Only the service calls this, and only when something was detected, an API key is
 configured and the caller sent a location. Every failure comes back as
 ``{"available": False, "reason": ...}``; a reason is written by this module (never
 copied from an exception, which may hold the request URL) and is scrubbed of the
-key and of URLs before it leaves. The key travels in the query string, as the
-Places API requires, so the `httpx` loggers get a filter that redacts it.
+key and of URLs before it leaves, and so are the names and addresses of results.
+The key travels in the query string, as the Places API requires, so every log
+record of the process is redacted (see `install_log_redaction`).
 """
 
 from __future__ import annotations
@@ -30,29 +31,34 @@ _KEY_IN_QUERY = re.compile(r"(?i)(key=)[^&\s\"'>]+")
 _URL = re.compile(r"(?i)\b[a-z][a-z0-9+.-]*://\S+")
 
 
-class _RedactKeyFilter(logging.Filter):
-    """Rewrites log records of the HTTP client so that no `key=` value survives."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # noqa: BLE001 - a broken record is not ours to fix
-            return True
-        if "key=" in message.lower():
-            record.msg = _KEY_IN_QUERY.sub(r"\1[redacted]", message)
-            record.args = ()
-        return True
-
-
-_REDACTOR = _RedactKeyFilter()
+def _redact(record: logging.LogRecord) -> None:
+    """Rewrite `record` so that no `key=` value survives in its message."""
+    try:
+        message = record.getMessage()
+    except Exception:  # noqa: BLE001 - a broken record is not ours to fix
+        return
+    if "key=" in message.lower():
+        record.msg = _KEY_IN_QUERY.sub(r"\1[redacted]", message)
+        record.args = ()
 
 
 def install_log_redaction() -> None:
-    """Attach the key-redacting filter to the HTTP client's loggers (idempotent)."""
-    for name in ("httpx", "httpcore"):
-        logger = logging.getLogger(name)
-        if _REDACTOR not in logger.filters:
-            logger.addFilter(_REDACTOR)
+    """Redact `key=` values in every log record of the process (idempotent).
+
+    Done in the record factory, not as a logger filter: a filter on "httpcore" never sees the records of
+    its children ("httpcore.http11" logs response headers at DEBUG), and any logger may quote a URL.
+    """
+    make_record = logging.getLogRecordFactory()
+    if getattr(make_record, "redacts_keys", False):
+        return
+
+    def redacting_factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make_record(*args, **kwargs)
+        _redact(record)
+        return record
+
+    redacting_factory.redacts_keys = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(redacting_factory)
 
 
 def scrub(text: str, api_key: str | None) -> str:
@@ -84,8 +90,11 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def parse_results(results: Any, max_results: int = MAX_RESULTS) -> list[dict[str, Any]]:
-    """The first `max_results` well-formed places: name, address, rating, location, maps link."""
+def parse_results(results: Any, max_results: int = MAX_RESULTS, api_key: str | None = None) -> list[dict[str, Any]]:
+    """The first `max_results` well-formed places: name, address, rating, location, maps link.
+
+    Names and addresses are scrubbed like reasons: a result may echo the request URL, key included.
+    """
     clinics: list[dict[str, Any]] = []
     if not isinstance(results, list):
         return clinics
@@ -97,15 +106,18 @@ def parse_results(results: Any, max_results: int = MAX_RESULTS) -> list[dict[str
         location = (item.get("geometry") or {}).get("location") if isinstance(item.get("geometry"), dict) else None
         lat = _number(location.get("lat")) if isinstance(location, dict) else None
         lng = _number(location.get("lng")) if isinstance(location, dict) else None
-        address = item.get("vicinity") or item.get("formatted_address") or ""
+        name = scrub(item["name"], api_key)[:200]
+        address = scrub(str(item.get("vicinity") or item.get("formatted_address") or ""), api_key)[:300]
         place_id = item.get("place_id") if isinstance(item.get("place_id"), str) else None
+        if place_id and scrub(place_id, api_key) != place_id:  # it goes into the maps link: drop it rather than mangle it
+            place_id = None
         rating = _number(item.get("rating"))
         clinics.append({
-            "name": item["name"][:200],
-            "address": str(address)[:300],
+            "name": name,
+            "address": address,
             "rating": rating,
             "location": {"lat": lat, "lng": lng} if lat is not None and lng is not None else None,
-            "maps_url": maps_link(item["name"], lat, lng, place_id),
+            "maps_url": maps_link(name, lat, lng, place_id),
         })
     return clinics
 
@@ -162,6 +174,6 @@ async def find_nearby_clinics(
     return {
         "available": True,
         "source": "Google Places",
-        "results": parse_results(body.get("results"), max_results),
+        "results": parse_results(body.get("results"), max_results, api_key),
         "attribution": ATTRIBUTION,
     }

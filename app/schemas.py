@@ -151,8 +151,12 @@ class CardSummary(BaseModel):
 class Limits(BaseModel):
     max_upload_mb: float
     max_pixels: int
+    max_image_memory_mb: float = Field(description="memory one image's decode (and overlay) may need, estimated before decoding")
+    max_buffered_mb: float = Field(description="upload bytes held at once by requests arriving, waiting or being analysed")
     max_concurrency: int
     queue_limit: int
+    upload_timeout_s: float = Field(description="the whole body must arrive within this (else 408)")
+    analysis_timeout_s: float = Field(description="queue wait plus analysis (else 503, and the work is cancelled)")
 
 
 class HealthResponse(BaseModel):
@@ -178,6 +182,7 @@ class HealthResponse(BaseModel):
                                     "dicom_voi": "standard", "version": 1}},
         "clinics_lookup_enabled": False,
         "modes": ["screening", "balanced", "specific"],
-        "limits": {"max_upload_mb": 32.0, "max_pixels": 100000000, "max_concurrency": 1, "queue_limit": 16},
+        "limits": {"max_upload_mb": 32.0, "max_pixels": 100000000, "max_image_memory_mb": 800.0, "max_buffered_mb": 256.0,
+                   "max_concurrency": 1, "queue_limit": 16, "upload_timeout_s": 60.0, "analysis_timeout_s": 60.0},
         "disclaimer": DISCLAIMER_EXAMPLE,
     }]})

@@ -98,11 +98,38 @@
   const $ = function (id) { return document.getElementById(id); };
   const canvas = $("overlay-canvas");
   const ctx = canvas.getContext("2d");
+  const MODES = ["screening", "balanced", "specific"];
+  // Hit/miss markings on the real cases (Okabe-Ito, and every marking is also said in words in the list beside).
+  const MARK = { hit: "#009e73", false: "#e69f00", found: "#ffffff", missed: "#cc79a7" };
+  const OUTCOME = {
+    TP: "fracture flagged (true positive)", FN: "missed fracture (false negative)",
+    FP: "false alarm (false positive)", TN: "nothing flagged, none marked (true negative)",
+  };
   const state = {
-    scenes: [], index: 0, enabled: new Map(), minScore: 0.25, showTruth: true,
-    selected: null, hover: null, image: null, loadToken: 0, visible: [],
+    scenes: [], index: 0, enabled: new Map(), minScore: 0.25, showTruth: true, mode: null, modes: null, cases: null, iou: 0.3,
+    selected: null, hover: null, image: null, loadToken: 0, visible: [], tags: [],
   };
   BoneR.state = state;
+
+  function safeUrl(x) { return /^https:\/\/[^\s"'<>]+$/.test(str(x)) ? str(x) : null; }
+
+  function cleanDetections(list, fallbackModel) {
+    return (Array.isArray(list) ? list : []).filter(function (d) {
+      return d && Array.isArray(d.xyxy) && d.xyxy.length === 4 && d.xyxy.every(isNum) && isNum(d.score);
+    }).map(function (d) {
+      return {
+        xyxy: d.xyxy.slice(), score: d.score, label: str(d.label, "fracture"), model: str(d.model, fallbackModel) || fallbackModel,
+        hints: d.hints || null, match: Number.isInteger(d.match) ? d.match : (d.match === null ? null : undefined),
+        iou: isNum(d.iou) ? d.iou : null,
+      };
+    }).sort(function (a, b) { return b.score - a.score; });  // numbered by score, best first
+  }
+
+  function cleanTruth(list) {
+    return (Array.isArray(list) ? list : []).filter(function (t) {
+      return t && Array.isArray(t.xyxy) && t.xyxy.length === 4 && t.xyxy.every(isNum);
+    }).map(function (t) { return { xyxy: t.xyxy.slice(), found_score: isNum(t.found_score) ? t.found_score : (t.found_score === null ? null : undefined) }; });
+  }
 
   function sceneFrom(entry, models, synthetic, note) {
     const known = new Map();
@@ -116,17 +143,15 @@
         description: str(m.description),
       });
     });
-    const detections = (Array.isArray(entry.detections) ? entry.detections : []).filter(function (d) {
-      return d && Array.isArray(d.xyxy) && d.xyxy.length === 4 && d.xyxy.every(isNum) && isNum(d.score);
-    }).map(function (d) {
-      const model = str(d.model, "model") || "model";
-      if (!known.has(model)) {
-        known.set(model, { name: model, color: PALETTE[known.size % PALETTE.length], threshold: null, source: "", description: "" });
+    const detections = cleanDetections(entry.detections, "model");
+    detections.forEach(function (d) {
+      if (!known.has(d.model)) {
+        known.set(d.model, { name: d.model, color: PALETTE[known.size % PALETTE.length], threshold: null, source: "", description: "" });
       }
-      return { xyxy: d.xyxy.slice(), score: d.score, label: str(d.label, "fracture"), model: model, hints: d.hints || null };
     });
     const src = str(entry.src);
     return {
+      kind: "predictions",
       id: str(entry.id, src),
       caption: str(entry.caption),
       width: isNum(entry.width) ? entry.width : 0,
@@ -134,23 +159,57 @@
       source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
       models: Array.from(known.values()),
       detections: detections,
-      truth: (Array.isArray(entry.ground_truth) ? entry.ground_truth : []).filter(function (t) {
-        return t && Array.isArray(t.xyxy) && t.xyxy.length === 4 && t.xyxy.every(isNum);
-      }),
+      truth: cleanTruth(entry.ground_truth),
       synthetic: !!synthetic,
       note: str(note),
+    };
+  }
+
+  // One real test radiograph of cases.json: its boxes already judged against the truth (match, found_score, decisions).
+  function sceneFromCase(entry, payload) {
+    const model = payload.model || {};
+    const name = str(model.name, "model") || "model";
+    const modes = payload.modes || {};
+    const src = str(entry.src);
+    const sources = payload.sources || {};
+    const credit = sources[str(entry.source)] || null;
+    const decisions = {};
+    MODES.forEach(function (m) { if (entry.decisions && entry.decisions[m]) decisions[m] = entry.decisions[m]; });
+    return {
+      kind: "case",
+      id: str(entry.id, src),
+      caption: str(entry.caption),
+      width: isNum(entry.width) ? entry.width : 0,
+      height: isNum(entry.height) ? entry.height : 0,
+      source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
+      models: [{
+        name: name, color: SAFE_COLOR.test(str(model.color)) ? model.color : PALETTE[0],
+        threshold: isNum((modes.balanced || {}).threshold) ? modes.balanced.threshold : null, source: "model card",
+        description: str(model.weights),
+      }],
+      detections: cleanDetections(entry.detections, name),
+      truth: cleanTruth(entry.ground_truth),
+      synthetic: false,
+      note: "",
+      info: {
+        source: str(entry.source), region: str(entry.region), label: entry.label === 1 ? 1 : 0, pickedAs: str(entry.picked_as, "draw"),
+        original: str(entry.original), decisions: decisions, credit: credit,
+      },
     };
   }
 
   function addScene(scene, select) {
     state.scenes.push(scene);
     scene.models.forEach(function (m) { if (!state.enabled.has(m.name)) state.enabled.set(m.name, true); });
-    const option = el("option", scene.caption ? scene.id + ": " + scene.caption : scene.id, { value: String(state.scenes.length - 1) });
+    const text = scene.kind === "case"
+      ? scene.id + ": " + scene.info.region + ", " + (scene.info.label ? "fracture marked" : "no fracture marked") + " (" + scene.info.source + ")"
+      : (scene.caption ? scene.id + ": " + scene.caption : scene.id);
+    const option = el("option", text, { value: String(state.scenes.length - 1) });
     $("image-select").append(option);
     if (select || state.scenes.length === 1) showScene(state.scenes.length - 1);
   }
   BoneR.addScene = function (scene, select) { addScene(sceneFrom(scene, scene.models, false), select); };
-  BoneR.addRawScene = function (scene, select) { addScene(scene, select); };
+  BoneR.addRawScene = function (scene, select) { scene.kind = scene.kind || "upload"; addScene(scene, select); };
 
   function currentScene() { return state.scenes[state.index] || null; }
 
@@ -162,7 +221,10 @@
     const scene = currentScene();
     buildToggles(scene);
     $("image-caption").textContent = scene.caption + (scene.synthetic ? " (synthetic demo)" : "");
-    $("viewer-note").textContent = scene.note || "";
+    renderCredit(scene);
+    if (scene.kind !== "case") $("viewer-note").textContent = scene.note || "";
+    else if (!$("selection-rule")) renderSelectionNote(state.cases);  // once: an opened <details> stays open
+    $("mode-picker").hidden = !(scene.kind === "case" && state.modes);
     const token = ++state.loadToken;
     state.image = null;
     if (scene.source.kind === "bitmap") {
@@ -182,7 +244,7 @@
 
   function buildToggles(scene) {
     const box = $("model-toggles");
-    box.replaceChildren(el("legend", "Models"));
+    box.replaceChildren(el("legend", scene.kind === "case" ? "Model boxes" : "Models"));
     scene.models.forEach(function (m, i) {
       const id = "model-toggle-" + i;
       const input = el("input", null, { type: "checkbox", id: id });
@@ -197,10 +259,29 @@
       const swatch = el("span", null, { class: "swatch", "aria-hidden": "true" });
       swatch.style.background = m.color;
       const thr = m.threshold !== null ? " (threshold " + num(m.threshold, 2) + ")" : "";
-      label.append(input, swatch, document.createTextNode(m.name + thr));
+      label.append(input, swatch, document.createTextNode(scene.kind === "case" ? "Show " + m.name + "'s boxes" : m.name + thr));
       if (m.description) label.title = m.description;
       box.append(label);
     });
+  }
+
+  function renderCredit(scene) {
+    const node = $("image-credit");
+    node.replaceChildren();
+    const credit = scene.info && scene.info.credit;
+    if (!credit) { node.hidden = true; return; }
+    node.hidden = false;
+    node.append(document.createTextNode("Image: " + str(credit.credit) + ". "));
+    const url = safeUrl(credit.url);
+    if (url) {
+      const a = el("a", str(credit.title, "source"), { href: url, rel: "noopener noreferrer" });
+      node.append(a, document.createTextNode(". "));
+    }
+    node.append(document.createTextNode("Licence: "));
+    const lic = safeUrl(credit.licence_url);
+    if (lic) node.append(el("a", str(credit.licence), { href: lic, rel: "noopener noreferrer license" }));
+    else node.append(document.createTextNode(str(credit.licence)));
+    node.append(document.createTextNode(". Changed: " + str(credit.changes) + "."));
   }
 
   function visibleDetections(scene) {
@@ -212,6 +293,64 @@
   function colorOf(scene, model) {
     const m = scene.models.find(function (x) { return x.name === model; });
     return m ? m.color : PALETTE[0];
+  }
+
+  // Whether the hit/miss markings apply: a judged case with its truth shown.
+  function marking(scene) { return scene.kind === "case" && state.showTruth; }
+  function isHit(d) { return d.match !== null && d.match !== undefined; }
+  function truthFound(t) { return isNum(t.found_score) && t.found_score >= state.minScore - 1e-9; }
+
+  // ----- label layout: a tag per box, outside its box, never over another tag (as bone_r/draw.py does for overlays)
+
+  function intersects(a, b) { return a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]; }
+  function overlapArea(a, b) { return Math.max(0, Math.min(a[2], b[2]) - Math.max(a[0], b[0])) * Math.max(0, Math.min(a[3], b[3]) - Math.max(a[1], b[1])); }
+
+  function candidates(box, lw, lh, W, H, gap, ring) {
+    const [x1, y1, x2, y2] = box;
+    const d = gap + ring * (lh + gap);
+    const cx = (x1 + x2) / 2, cy = (y1 + y2) / 2;
+    const out = [];
+    const clamp = function (v, hi) { return Math.min(Math.max(v, 0), Math.max(hi, 0)); };
+    const add = function (x, y) {
+      x = Math.round(x); y = Math.round(y);
+      if (x >= 0 && x <= W - lw && y >= 0 && y <= H - lh) out.push([x, y, x + lw, y + lh]);
+    };
+    [y1 - d - lh, y2 + d].forEach(function (y) { [x1, x2 - lw, cx - lw / 2].forEach(function (x) { add(clamp(x, W - lw), y); }); });
+    [x2 + d, x1 - d - lw].forEach(function (x) { [y1, y2 - lh, cy - lh / 2].forEach(function (y) { add(x, clamp(y, H - lh)); }); });
+    return out;
+  }
+
+  function placeLabels(boxes, sizes, W, H, gap, avoid, maxRings) {
+    const placed = [];
+    return boxes.map(function (box, i) {
+      const own = [box[0] - gap, box[1] - gap, box[2] + gap, box[3] + gap];
+      const others = boxes.filter(function (b, j) { return j !== i; }).concat(avoid);
+      let best = null;
+      for (let ring = 0; ring < maxRings && !(best && best.covered === 0); ring++) {
+        const cands = candidates(box, sizes[i][0], sizes[i][1], W, H, gap, ring);
+        for (let k = 0; k < cands.length; k++) {
+          const r = cands[k];
+          if (intersects(r, own) || placed.some(function (q) { return intersects(r, q); })) continue;
+          const covered = others.reduce(function (s, o) { return s + overlapArea(r, o); }, 0);
+          if (!best || covered < best.covered) best = { rect: r, ring: ring, covered: covered };
+          if (covered === 0) break;
+        }
+      }
+      if (best) placed.push(best.rect);
+      return best;
+    });
+  }
+
+  function dashedRect(r, color, unit, width) {
+    ctx.save();
+    ctx.setLineDash([6 * unit, 4 * unit]);
+    ctx.lineWidth = (width + 1.5) * unit;
+    ctx.strokeStyle = "#000";
+    ctx.strokeRect(r[0], r[1], r[2] - r[0], r[3] - r[1]);
+    ctx.lineWidth = width * unit;
+    ctx.strokeStyle = color;
+    ctx.strokeRect(r[0], r[1], r[2] - r[0], r[3] - r[1]);
+    ctx.restore();
   }
 
   function render() {
@@ -227,7 +366,10 @@
     if (canvas.height !== h) canvas.height = h;
     const sx = scene.width ? w / scene.width : zoom;
     const sy = scene.height ? h / scene.height : zoom;
-    const unit = Math.max(1, Math.max(w, h) / 800);
+    const toCanvas = function (b) { return [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy]; };
+    // lines and tags keep their size on screen: one unit is one CSS pixel of the canvas as shown (at least 1)
+    const shown = canvas.getBoundingClientRect().width;
+    const unit = Math.max(1, shown > 0 ? w / shown : Math.max(w, h) / 800);
     ctx.clearRect(0, 0, w, h);
     if (img) {
       ctx.drawImage(img, 0, 0, w, h);
@@ -238,55 +380,146 @@
       ctx.font = Math.round(14 * unit) + "px sans-serif";
       ctx.fillText(state.image === "missing" ? "image not available" : "loading...", 10 * unit, 24 * unit);
     }
-    if (state.showTruth && scene.truth.length) {
-      ctx.save();
-      ctx.setLineDash([6 * unit, 4 * unit]);
+    const marks = marking(scene);
+    let missed = 0;
+    const truthRects = [];
+    if (state.showTruth) {
       scene.truth.forEach(function (t) {
-        const [x1, y1, x2, y2] = t.xyxy;
-        ctx.lineWidth = 3 * unit;
-        ctx.strokeStyle = "#000";
-        ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
-        ctx.lineWidth = 1.5 * unit;
-        ctx.strokeStyle = "#fff";
-        ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
+        const lost = marks && !truthFound(t);
+        if (lost) missed++;
+        truthRects.push({ rect: toCanvas(t.xyxy), lost: lost });
       });
-      ctx.restore();
     }
     const visible = visibleDetections(scene);
     state.visible = visible;
     const focus = state.selected || state.hover;
     if (focus && visible.indexOf(focus) < 0) { if (state.selected === focus) state.selected = null; state.hover = null; }
-    ctx.font = "bold " + Math.round(12 * unit) + "px sans-serif";
-    ctx.textBaseline = "bottom";
+    const boxColor = function (d) { return marks ? (isHit(d) ? MARK.hit : MARK.false) : colorOf(scene, d.model); };
     visible.slice().reverse().forEach(function (d) {  // lowest score first, so the best box is drawn on top
-      const [x1, y1, x2, y2] = d.xyxy;
+      const r = toCanvas(d.xyxy);
       const active = d === state.selected || d === state.hover;
-      const color = colorOf(scene, d.model);
       ctx.lineWidth = (active ? 4 : 2) * unit;
-      ctx.strokeStyle = color;
-      ctx.strokeRect(x1 * sx, y1 * sy, (x2 - x1) * sx, (y2 - y1) * sy);
-      const text = d.score.toFixed(2);
-      const tw = ctx.measureText(text).width + 6 * unit;
-      const th = 15 * unit;
-      const ty = y1 * sy - th >= 0 ? y1 * sy - th : y2 * sy;
-      ctx.fillStyle = "rgba(0,0,0,0.75)";
-      ctx.fillRect(x1 * sx, ty, tw, th);
-      ctx.fillStyle = color;
-      ctx.fillText(text, x1 * sx + 3 * unit, ty + th - 2 * unit);
+      ctx.strokeStyle = boxColor(d);
+      ctx.strokeRect(r[0], r[1], r[2] - r[0], r[3] - r[1]);
+    });
+    // the truth on top of the model's boxes, so that a crowd of boxes cannot hide it
+    truthRects.forEach(function (t) { dashedRect(t.rect, t.lost ? MARK.missed : MARK.found, unit, t.lost ? 2.5 : 1.5); });
+    // tags: the box's number (and its score when few boxes are shown); "missed" on each true box not found
+    ctx.font = "bold " + Math.round(12 * unit) + "px sans-serif";
+    ctx.textBaseline = "middle";
+    const items = visible.map(function (d, i) {
+      return { box: toCanvas(d.xyxy), text: String(i + 1) + (visible.length <= 8 ? " \u00b7 " + d.score.toFixed(2) : ""), color: boxColor(d), det: d };
+    }).concat(truthRects.filter(function (t) { return t.lost; }).map(function (t) {
+      return { box: t.rect, text: "missed", color: MARK.missed, det: null };
+    }));
+    const th = Math.round(16 * unit), gap = Math.round(3 * unit);
+    const sizes = items.map(function (it) { return [Math.ceil(ctx.measureText(it.text).width + 8 * unit), th]; });
+    const rounded = items.map(function (it) { return it.box.map(Math.round); });
+    const places = placeLabels(rounded, sizes, w, h, gap, truthRects.map(function (t) { return t.rect.map(Math.round); }), 10);
+    state.tags = [];
+    items.forEach(function (it, i) {  // leader lines first: the tags go over them
+      const p = places[i];
+      if (it.det) it.det.tagged = !!p;
+      if (!p || p.ring === 0) return;
+      const [x1, y1, x2, y2] = p.rect;  // moved away from its box: a thin line joins them
+      const bx = Math.min(Math.max((x1 + x2) / 2, it.box[0]), it.box[2]), by = Math.min(Math.max((y1 + y2) / 2, it.box[1]), it.box[3]);
+      ctx.lineWidth = unit;
+      ctx.strokeStyle = it.color;
+      ctx.beginPath();
+      ctx.moveTo(Math.min(Math.max(bx, x1), x2), Math.min(Math.max(by, y1), y2));
+      ctx.lineTo(bx, by);
+      ctx.stroke();
+    });
+    items.forEach(function (it, i) {
+      const p = places[i];
+      if (!p) return;
+      const [x1, y1, x2, y2] = p.rect;
+      ctx.fillStyle = "rgba(0,0,0,0.8)";
+      ctx.fillRect(x1, y1, x2 - x1, y2 - y1);
+      ctx.fillStyle = it.color;
+      ctx.fillText(it.text, x1 + 4 * unit, (y1 + y2) / 2 + 0.5);
+      state.tags.push(p.rect);
     });
     canvas.dataset.boxes = String(visible.length);
-    canvas.setAttribute("aria-label", "Radiograph " + scene.id + " with " + visible.length + " box(es) drawn" +
+    canvas.dataset.truth = String(truthRects.length);
+    canvas.dataset.missed = String(missed);
+    canvas.dataset.hits = String(marks ? visible.filter(isHit).length : 0);
+    canvas.dataset.falseBoxes = String(marks ? visible.filter(function (d) { return !isHit(d); }).length : 0);
+    canvas.setAttribute("aria-label", "Radiograph " + scene.id + " with " + visible.length + " model box(es)" +
+      (truthRects.length ? " and " + truthRects.length + " true box(es), " + missed + " missed" : "") + " drawn" +
       (scene.synthetic ? " (synthetic demo)" : ""));
     $("box-count").textContent = visible.length + " of " + scene.detections.length + " box(es) shown (score \u2265 " +
-      state.minScore.toFixed(2) + ")";
-    renderList(scene, visible);
+      num(state.minScore, state.mode ? 3 : 2) + ")" + (marks ? ": " + canvas.dataset.hits + " hit a true box, " + canvas.dataset.falseBoxes +
+      " false; " + missed + " of " + truthRects.length + " true box(es) missed" : "");
+    renderKey(scene, marks);
+    renderCase(scene);
+    renderList(scene, visible, marks);
     renderDetails(scene);
   }
 
-  function renderList(scene, visible) {
-    // Rebuilt only when the set of boxes changes, so keyboard focus survives hovering and choosing.
+  function renderKey(scene, marks) {
+    const key = $("overlay-key");
+    key.replaceChildren();
+    const entries = marks ? [[MARK.hit, "solid", "model box that hits a true box (IoU \u2265 " + num(state.iou, 1) + ")"],
+      [MARK.false, "solid", "model box on no true box (false)"], [MARK.found, "dashed", "true box, found"],
+      [MARK.missed, "dashed", "true box, missed at this threshold"]]
+      : (state.showTruth && scene.truth.length ? [[MARK.found, "dashed", "known box (ground truth)"]] : []);
+    entries.forEach(function (e) {
+      const item = el("li");
+      const swatch = el("span", null, { class: "swatch " + e[1], "aria-hidden": "true" });
+      swatch.style.borderColor = e[0];
+      item.append(swatch, document.createTextNode(e[2]));
+      key.append(item);
+    });
+    key.hidden = !entries.length;
+  }
+
+  function renderCase(scene) {
+    const box = $("case-info");
+    box.replaceChildren();
+    if (scene.kind !== "case") { box.hidden = true; return; }
+    box.hidden = false;
+    const info = scene.info;
+    const dl = el("dl");
+    [["Source", info.credit ? str(info.credit.title) : info.source], ["Region", info.region],
+      ["Ground truth", info.label ? scene.truth.length + " fracture box(es) marked" : "no fracture marked"],
+      ["Chosen as", info.pickedAs === "draw" ? "seeded stratified draw" : "the first " + info.pickedAs + " in seeded order (selection rule, step 3)"]]
+      .forEach(function (r) { dl.append(el("dt", r[0]), el("dd", r[1])); });
+    box.append(el("h3", "This radiograph"), dl);
+    const rows = MODES.filter(function (m) { return info.decisions[m]; }).map(function (m) {
+      const d = info.decisions[m];
+      return { mode: m, threshold: d.threshold, flagged: d.flagged, outcome: d.outcome };
+    });
+    const t = state.minScore;
+    if (!state.mode) {  // the slider's own threshold, decided here as the modes were
+      const flagged = scene.detections.some(function (d) { return d.score >= t - 1e-9; });
+      rows.push({ mode: "this threshold", threshold: t, flagged: flagged, outcome: info.label ? (flagged ? "TP" : "FN") : (flagged ? "FP" : "TN") });
+    }
+    const table = el("table", null, { id: "case-decisions" });
+    table.append(el("caption", "The model's decision"));
+    const head = el("tr");
+    ["Mode", "Threshold", "Decision"].forEach(function (x) { head.append(el("th", x, { scope: "col" })); });
+    const thead = el("thead");
+    thead.append(head);
+    table.append(thead);
+    const body = el("tbody");
+    rows.forEach(function (r) {
+      const tr = el("tr");
+      const current = r.mode === state.mode || (r.mode === "this threshold" && !state.mode);
+      if (current) { tr.className = "current"; tr.setAttribute("aria-current", "true"); }
+      tr.dataset.mode = r.mode;
+      tr.dataset.outcome = r.outcome;
+      tr.append(el("th", r.mode, { scope: "row" }), el("td", num(r.threshold, 3)), el("td", OUTCOME[r.outcome] || r.outcome));
+      body.append(tr);
+    });
+    table.append(body);
+    box.append(table);
+  }
+
+  function renderList(scene, visible, marks) {
+    // Rebuilt only when the set of boxes (or their markings) changes, so keyboard focus survives hovering and choosing.
     const list = $("det-list");
-    const key = state.index + "|" + visible.map(function (d) { return scene.detections.indexOf(d); }).join(",");
+    const key = state.index + "|" + marks + "|" + visible.map(function (d) { return scene.detections.indexOf(d) + (d.tagged ? "" : "u"); }).join(",");
     if (list.dataset.key !== key) {
       list.dataset.key = key;
       list.replaceChildren();
@@ -294,8 +527,11 @@
         const item = el("li");
         const button = el("button", null, { type: "button" });
         const swatch = el("span", null, { class: "swatch", "aria-hidden": "true" });
-        swatch.style.background = colorOf(scene, d.model);
-        button.append(swatch, document.createTextNode(d.model + ": " + d.label + " " + d.score.toFixed(2)));
+        swatch.style.background = marks ? (isHit(d) ? MARK.hit : MARK.false) : colorOf(scene, d.model);
+        let words = d.model + ": " + d.label + " " + d.score.toFixed(2);
+        if (marks) words += isHit(d) ? ", hits true box " + (d.match + 1) + (isNum(d.iou) ? " (IoU " + d.iou.toFixed(2) + ")" : "") : ", false box";
+        if (!d.tagged) words += " (no room for its tag on the image)";
+        button.append(swatch, document.createTextNode(words));
         button.addEventListener("click", function () {
           state.selected = state.selected === d ? null : d;
           render();
@@ -324,7 +560,8 @@
       ["Label", d.label],
       ["Box (x1, y1, x2, y2)", d.xyxy.map(function (v) { return Math.round(v); }).join(", ") + " px"],
     ];
-    if (isNum(model.threshold)) rows.push(["At this model's threshold", (d.score >= model.threshold ? "yes" : "no") + " (" + num(model.threshold, 2) + ")"]);
+    if (scene.kind === "case") rows.push(["Against the truth", isHit(d) ? "hits true box " + (d.match + 1) + " (IoU " + num(d.iou, 2) + ")" : "on no true box (IoU < " + num(state.iou, 1) + ")"]);
+    else if (isNum(model.threshold)) rows.push(["At this model's threshold", (d.score >= model.threshold ? "yes" : "no") + " (" + num(model.threshold, 2) + ")"]);
     if (hints.type) rows.push(["Type (best guess)", hints.type]);
     if (hints.severity) rows.push(["Severity (best guess)", hints.severity]);
     if (hints.confidence) rows.push(["Confidence words", hints.confidence]);
@@ -368,14 +605,69 @@
   });
   $("image-select").addEventListener("change", function (event) { showScene(Number(event.target.value)); });
   const slider = $("min-score");
-  function setMinScore(value) {
+  function setMinScore(value, mode) {
     state.minScore = Math.min(1, Math.max(0, value));
+    state.mode = mode || null;
     slider.value = String(state.minScore);
-    $("min-score-value").textContent = state.minScore.toFixed(2);
-    slider.setAttribute("aria-valuetext", state.minScore.toFixed(2));
+    const text = mode ? num(state.minScore, 3) + " (" + mode + ")" : state.minScore.toFixed(2);
+    $("min-score-value").textContent = text;
+    slider.setAttribute("aria-valuetext", text);
+    document.querySelectorAll("#mode-picker input").forEach(function (input) { input.checked = input.value === state.mode; });
   }
   slider.addEventListener("input", function () { setMinScore(Number(slider.value)); render(); });
   $("show-truth").addEventListener("change", function (event) { state.showTruth = event.target.checked; render(); });
+
+  function buildModePicker(modes) {
+    const box = $("mode-picker");
+    box.replaceChildren(el("legend", "Operating point (from the model card)"));
+    MODES.forEach(function (m) {
+      if (!modes[m] || !isNum(modes[m].threshold)) return;
+      const id = "mode-" + m;
+      const input = el("input", null, { type: "radio", name: "viewer-mode", id: id, value: m });
+      input.addEventListener("change", function () { if (input.checked) { setMinScore(modes[m].threshold, m); render(); } });
+      const label = el("label", null, { for: id });
+      label.append(input, document.createTextNode(m + " (threshold " + num(modes[m].threshold, 3) + ")"));
+      box.append(label);
+    });
+  }
+
+  function renderSelectionNote(payload) {
+    const note = $("viewer-note");
+    const model = payload.model || {};
+    const sel = payload.selection || {};
+    const data = payload.data || {};
+    note.replaceChildren(document.createTextNode(
+      payload.images.length + " real radiographs from the " + str(data.split, "test") + " split (never used for training or for " +
+      "choosing thresholds), with the boxes of the bundled model " + str(model.name) + " down to its screening threshold " +
+      num(payload.min_score, 3) + " and the ground truth. Generated " + str(payload.generated) + " by " +
+      str(payload.generator) + "; cases chosen by a seeded rule, not hand-picked: "));
+    const details = el("details", null, { id: "selection-rule" });
+    details.append(el("summary", "how the cases were chosen"), el("p", str(sel.rule)));
+    const summary = payload.summary && payload.summary.balanced;
+    if (summary) {
+      details.append(el("p", "Balanced mode on these " + payload.images.length + ": " + summary.TP + " fractures flagged, " + summary.FN +
+        " missed, " + summary.FP + " false alarms, " + summary.TN + " correctly left alone. A handful of cases says little about the " +
+        "model's accuracy: the evaluation report below does."));
+    }
+    note.append(details);
+  }
+
+  function renderCredits(payload) {
+    const list = $("credits");
+    list.replaceChildren();
+    const sources = payload && payload.sources ? payload.sources : {};
+    Object.keys(sources).forEach(function (key) {
+      const c = sources[key] || {};
+      const item = el("li");
+      item.append(document.createTextNode(str(c.credit) + ". "));
+      const url = safeUrl(c.url);
+      if (url) item.append(el("a", url, { href: url, rel: "noopener noreferrer" }), document.createTextNode(". "));
+      item.append(document.createTextNode("Licence " + str(c.licence) + ". Changed: " + str(c.changes) + "."));
+      list.append(item);
+    });
+    $("credits-block").hidden = !list.children.length;
+  }
+
 
   // --------------------------------------------------------------------------- benchmark
 
@@ -554,8 +846,8 @@
 
   async function start() {
     setMinScore(Number(slider.value));
-    const [predictions, benchmark, report] = await Promise.all([
-      loadData("predictions.json"), loadData("benchmark.json"), loadData("report.json"),
+    const [cases, predictions, benchmark, report] = await Promise.all([
+      loadData("cases.json"), loadData("predictions.json"), loadData("benchmark.json"), loadData("report.json"),
     ]);
     const status = $("data-status");
     if (Object.values(dataSources).indexOf("bundle") >= 0) {
@@ -563,10 +855,26 @@
         (BoneR.bundleGenerated ? " (written " + BoneR.bundleGenerated + ")" : "") +
         ". Serve the folder (python -m http.server -d docs) or run make serve for the live files.";
     }
-    if (predictions && Array.isArray(predictions.images) && predictions.images.length) {
+    // The real cases (cases.json) come first; predictions.json adds compare_overlay's images, or, without real
+    // cases, the synthetic demo.
+    const haveCases = !!(cases && Array.isArray(cases.images) && cases.images.length);
+    if (haveCases) {
+      state.cases = cases;
+      state.modes = cases.modes && typeof cases.modes === "object" ? cases.modes : {};
+      state.iou = isNum(cases.iou) ? cases.iou : 0.3;
+      buildModePicker(state.modes);
+      const mode = MODES.indexOf(cases.default_mode) >= 0 ? cases.default_mode : "balanced";
+      if (state.modes[mode] && isNum(state.modes[mode].threshold)) setMinScore(state.modes[mode].threshold, mode);
+      renderCredits(cases);
+      cases.images.forEach(function (entry) {
+        if (entry && typeof entry === "object") addScene(sceneFromCase(entry, cases), false);
+      });
+    }
+    const havePredictions = !!(predictions && Array.isArray(predictions.images) && predictions.images.length);
+    if (havePredictions && !(haveCases && predictions.synthetic)) {
       const models = Array.isArray(predictions.models) ? predictions.models : [];
       const thresholds = models.map(function (m) { return m && m.threshold; }).filter(isNum);
-      if (thresholds.length) setMinScore(Math.floor(Math.min.apply(null, thresholds) * 100) / 100);
+      if (thresholds.length && !haveCases) setMinScore(Math.floor(Math.min.apply(null, thresholds) * 100) / 100);
       const note = predictions.synthetic
         ? "Synthetic demo: phantom images and made-up boxes, not radiographs and not a trained model's output."
         : "Generated by " + str(predictions.generator, "compare_overlay.py") + (predictions.generated ? " on " + str(predictions.generated) : "") +
@@ -574,9 +882,9 @@
       predictions.images.forEach(function (entry) {
         if (entry && typeof entry === "object") addScene(sceneFrom(entry, models, predictions.synthetic, note), false);
       });
-    } else {
-      $("viewer-note").textContent = "No predictions to show (data/predictions.json is " + (dataSources["predictions.json"] || "missing") +
-        "). Write it with compare_overlay.py or scripts/make_demo_docs.py.";
+    } else if (!haveCases) {
+      $("viewer-note").textContent = "No radiographs to show (data/cases.json is " + (dataSources["cases.json"] || "missing") +
+        "). Write it with python -m scripts.make_site_cases.";
     }
     renderBenchmark(benchmark);
     renderReport(report);

@@ -14,7 +14,9 @@ byte-for-byte the same on every run (fixed seed and timestamp).
 
 `benchmark.py`, `compare_overlay.py` and `evaluate.py --out docs/data/report.json`
 replace these files with real output; this script then leaves them alone (a file
-without `"synthetic": true` counts as real) unless --force.
+without `"synthetic": true` counts as real) unless --force. Where the site has real
+cases (`docs/data/cases.json`, from `python -m scripts.make_site_cases`) the viewer
+shows those and leaves the synthetic phantoms out; this script never touches them.
 
 Research and teaching tool, not a diagnosis.
 """

@@ -49,7 +49,7 @@ def test_models_get_their_own_colours_and_the_site_json(setup, capsys):
     x1, y1, x2, y2 = ph.box
     assert count(rgb[y2 - 1:y2 + 2, x1 + 5:x2 - 5], ORANGE) > 20  # A's box
     assert count(rgb[:300, 120:], BLUE) > 50  # B's box (and label) in blue
-    assert count(rgb[:300], GREEN, 10) > 10  # C: no box, but its legend swatch
+    assert count(rgb[300:], GREEN, 10) > 10  # C: no box, but its swatch in the key below the image
     assert count(rgb[255:285, 20:75], ORANGE, 10) == 0  # A's 0.1 box is under A's threshold: not in the PNG
 
     payload = json.loads((site / "predictions.json").read_text())
@@ -120,3 +120,16 @@ def test_writing_site_json_refreshes_the_bundle(tmp_path):
     other = tmp_path / "elsewhere"
     evaluate.write_report({"split": "test"}, other / "report.json")
     assert not (other / "bundle.js").exists()  # only the site's data folder has a bundle
+
+
+def test_truth_goes_on_the_png_and_into_the_site_json(setup):
+    tmp, ph, image, a, *_ = setup
+    label = tmp / "scan.txt"
+    label.write_text(ph.yolo_row + "\n")
+    out, site = tmp / "compare.png", tmp / "site"
+    assert compare_overlay.main(["--image", str(image), "--models", f"A={a}:fake", "--truth", str(label), "--out", str(out),
+                                 "--site-dir", str(site)]) == 0
+    entry = json.loads((site / "predictions.json").read_text())["images"][0]
+    assert np.allclose(entry["ground_truth"][0]["xyxy"], ph.box, atol=1.0)
+    jsonschema.validate(json.loads((site / "predictions.json").read_text()),
+                        json.loads((ROOT / "docs" / "data" / "predictions.schema.json").read_text()))

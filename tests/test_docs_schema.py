@@ -16,7 +16,11 @@ import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
-SCHEMAS = {"predictions.json": "predictions.schema.json", "benchmark.json": "benchmark.schema.json", "report.json": "report.schema.json"}
+SCHEMAS = {"cases.json": "cases.schema.json", "predictions.json": "predictions.schema.json", "benchmark.json": "benchmark.schema.json",
+           "report.json": "report.schema.json"}
+# The only radiographs the repository may hold: downscaled copies of CC BY 4.0 test images (scripts/make_site_cases.py).
+CASE_SOURCES = {"fracatlas", "proximal-femur", "science-research-2022"}
+REGENERATE = "python -m scripts.make_site_cases"
 
 
 def validator(schema_name: str) -> jsonschema.Draft202012Validator:
@@ -43,8 +47,66 @@ def test_images_the_viewer_names_exist_and_are_small():
         if image["src"].startswith("local-"):
             continue  # compare_overlay's copies of real images are git-ignored on purpose
         assert path.is_file(), f"{image['src']} named in predictions.json is not in docs/data"
-    committed = [p for p in DATA.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg") and not p.name.startswith("local-")]
+    committed = [p for p in DATA.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")
+                 and not p.name.startswith(("local-", "case-"))]
     assert sum(p.stat().st_size for p in committed) < 400_000
+
+
+def cases() -> dict:
+    return json.loads((DATA / "cases.json").read_text())
+
+
+def test_the_case_images_are_the_curated_downscaled_credited_set():
+    """Every case-*.jpg is named by cases.json (nothing else is there), a grayscale JPEG of at most 1024 px, all <= 6 MB,
+    from a CC BY 4.0 source whose credit line goes with it."""
+    import cv2
+
+    payload = cases()
+    named = {im["src"] for im in payload["images"]}
+    on_disk = {p.name for p in DATA.glob("case-*")}
+    assert on_disk == named, f"docs/data holds case images cases.json does not name, or lacks some: rerun {REGENERATE}"
+    assert 8 <= len(named) <= 16
+    total = 0
+    for im in payload["images"]:
+        data = (DATA / im["src"]).read_bytes()
+        total += len(data)
+        assert data[:3] == b"\xff\xd8\xff" and len(data) == im["bytes"], im["src"]
+        pixels = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+        assert pixels.ndim == 2 and max(pixels.shape) <= 1024, im["src"]
+        assert (pixels.shape[1], pixels.shape[0]) == (im["display_width"], im["display_height"])
+        assert im["source"] in CASE_SOURCES and payload["sources"][im["source"]]["licence"] == "CC BY 4.0"
+    assert total == payload["images_total_bytes"] <= 6_000_000
+    credits = (DATA / "cases-credits.txt").read_text()
+    assert all(name in credits for name in named)
+
+
+def test_the_cases_show_the_bundled_model_with_its_errors():
+    """cases.json is the bundled model's output (regenerate it after replacing the model), stratified, with both
+    kinds of error in it, and its decisions follow from its own boxes and thresholds."""
+    import inference
+
+    payload = cases()
+    weights = inference.default_weights()
+    assert payload["model"]["sha256"] == inference.sha256_file(weights), (
+        f"docs/data/cases.json was made with another model than {weights.name}: rerun {REGENERATE}")
+    assert payload["model"]["card_sha256"] == inference.sha256_file(inference.card_path_for(weights)), (
+        f"the model card changed (thresholds, box rule) since docs/data/cases.json was made: rerun {REGENERATE}")
+    card = inference.load_model_card(weights)
+    for mode in payload["modes"]:
+        assert payload["modes"][mode]["threshold"] == pytest.approx(inference.resolve_threshold(mode, card)[0], abs=1e-6)
+    assert {im["source"] for im in payload["images"]} <= CASE_SOURCES
+    assert len({(im["source"], im["region"], im["label"]) for im in payload["images"]}) >= 8
+    bal = payload["summary"]["balanced"]
+    assert bal["FN"] >= 1 and bal["FP"] >= 1 and bal["TP"] >= 1, "the cases should include misses and false alarms"
+    for im in payload["images"]:
+        for mode, dec in im["decisions"].items():
+            t = payload["modes"][mode]["threshold"]
+            shown = [d for d in im["detections"] if d["score"] >= t]
+            assert dec["threshold"] == t and dec["boxes"] == len(shown) and dec["flagged"] == bool(shown)
+            assert dec["hits"] + dec["false_boxes"] == len(shown) and dec["hits"] == sum(d["match"] is not None for d in shown)
+            assert dec["outcome"] == (("TP" if shown else "FN") if im["label"] else ("FP" if shown else "TN"))
+            assert dec["truth_found"] == [g["found_score"] is not None and g["found_score"] >= t for g in im["ground_truth"]]
+        assert all(d["score"] >= payload["min_score"] for d in im["detections"])
 
 
 def test_bundle_is_a_copy_of_the_json_files():
@@ -69,6 +131,8 @@ def test_demo_generator_is_deterministic_and_valid(tmp_path):
     for name in names:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
     for name, schema in SCHEMAS.items():
+        if name == "cases.json":
+            continue  # real cases only (scripts/make_site_cases.py): the demo has none
         payload = json.loads((a / name).read_text())
         assert errors(schema, payload) == []
         assert payload["synthetic"] is True
@@ -115,6 +179,24 @@ def test_compare_overlay_output_matches_the_schema():
           "detections": [{"xyxy": [1, 1, 5, 5], "score": 0.5, "label": "fracture", "model": "m"}]}],
         generator="test", synthetic=False)
     assert errors("predictions.schema.json", payload) == []
+
+
+@pytest.mark.parametrize("breakage", [
+    ("src", "../case-x.jpg"), ("src", "case-x.png"), ("url", "javascript:alert(1)"), ("url", "http://example.org"),
+    ("licence", "CC BY-NC 4.0"), ("synthetic", True), ("total", 7_000_000), ("display_width", 2000),
+])
+def test_cases_schema_rejects_what_the_site_must_not_get(breakage):
+    bad = copy.deepcopy(cases())
+    key, value = breakage
+    if key in ("src", "display_width"):
+        bad["images"][0][key] = value
+    elif key in ("url", "licence"):
+        next(iter(bad["sources"].values()))[key] = value
+    elif key == "total":
+        bad["images_total_bytes"] = value
+    else:
+        bad[key] = value
+    assert errors("cases.schema.json", bad) != []
 
 
 @pytest.mark.parametrize("breakage", [

@@ -85,10 +85,20 @@ def server(site):
     httpd.shutdown()
 
 
+# A site without real cases (the demo) answers 404 for data/cases.json: expected; any other 404 is a problem.
+MAY_BE_MISSING = ("/data/cases.json",)
+
+
 def open_page(browser, url):
     page = browser.new_page(viewport={"width": 1300, "height": 1000})
     problems = []
-    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type in ("error", "warning") else None)
+
+    def console(m):
+        if m.type in ("error", "warning") and not m.text.startswith("Failed to load resource: the server responded with a status of 404"):
+            problems.append(f"console {m.type}: {m.text}")
+
+    page.on("console", console)
+    page.on("response", lambda r: problems.append(f"HTTP 404: {r.url}") if r.status == 404 and not r.url.endswith(MAY_BE_MISSING) else None)
     page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
     page.goto(url)
     page.wait_for_selector("body[data-ready='true']", timeout=10_000)
@@ -284,6 +294,104 @@ def test_upload_form_under_the_service_draws_the_returned_boxes(browser, service
         assert "Possible fracture flagged" in page.text_content("#result")
         assert "uploaded upload.png" in page.text_content("#image-caption")
         page.locator("#viewer").screenshot(path=str(ARTIFACTS / "docs_upload.png"))
+    finally:
+        page.close()
+    assert problems == []
+
+
+# --------------------------------------------------------------------------- the real cases (docs/data/cases.json)
+
+
+@pytest.fixture(scope="module")
+def real_server():
+    """docs/ as committed: the real cases (python -m scripts.make_site_cases) and the rest of the site data."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Quiet, directory=str(ROOT / "docs")))
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+
+
+def real_cases() -> dict:
+    return json.loads((ROOT / "docs" / "data" / "cases.json").read_text())
+
+
+def show_case(page, index: int) -> None:
+    page.select_option("#image-select", index=index)
+    page.wait_for_function(f"window.BoneR.state.index === {index} && window.BoneR.state.image && "
+                           "window.BoneR.state.image !== 'missing' && window.BoneR.state.image.complete", timeout=10_000)
+
+
+def canvas_state(page) -> dict:
+    return page.eval_on_selector("#overlay-canvas", "c => Object.assign({}, c.dataset)")
+
+
+def test_viewer_shows_the_real_cases_and_mode_changes_what_is_drawn(browser, real_server):
+    payload = real_cases()
+    images = payload["images"]
+    page, problems = open_page(browser, f"{real_server}/index.html")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    try:
+        # the real set, not the synthetic demo: one option per case, each a real JPEG of the size recorded
+        assert page.locator("#image-select option").count() == len(images)
+        assert page.evaluate("window.BoneR.state.scenes.every(s => s.kind === 'case' && !s.synthetic)")
+        assert page.evaluate("window.BoneR.state.image.naturalWidth") == images[0]["display_width"]
+        assert "synthetic" not in page.text_content("#viewer-note").lower()
+        assert "seeded" in page.text_content("#viewer-note")
+        # balanced is the starting mode; the three modes are offered with the card's thresholds
+        assert page.is_checked("#mode-balanced") and page.locator("#mode-picker input").count() == 3
+        # every case, every mode: what is drawn is what cases.json decided
+        for i, im in enumerate(images):
+            show_case(page, i)
+            credit = payload["sources"][im["source"]]
+            assert credit["title"] in page.text_content("#image-credit") and "CC BY 4.0" in page.text_content("#image-credit")
+            for mode in ("screening", "balanced", "specific"):
+                page.check(f"#mode-{mode}")
+                dec = im["decisions"][mode]
+                state = canvas_state(page)
+                assert int(state["boxes"]) == dec["boxes"], (im["id"], mode)
+                assert int(state["hits"]) == dec["hits"] and int(state["falseBoxes"]) == dec["false_boxes"], (im["id"], mode)
+                assert int(state["truth"]) == len(im["ground_truth"])
+                assert int(state["missed"]) == dec["truth_found"].count(False), (im["id"], mode)
+                row = page.locator("#case-decisions tr.current")
+                assert row.get_attribute("data-mode") == mode and row.get_attribute("data-outcome") == dec["outcome"]
+        # changing mode changes the picture: the case whose box count differs most between screening and specific
+        k = max(range(len(images)), key=lambda j: images[j]["decisions"]["screening"]["boxes"] - images[j]["decisions"]["specific"]["boxes"])
+        assert images[k]["decisions"]["screening"]["boxes"] > images[k]["decisions"]["specific"]["boxes"]
+        show_case(page, k)
+        page.check("#mode-screening")
+        screening = page.evaluate("document.getElementById('overlay-canvas').toDataURL()")
+        page.locator("#viewer").screenshot(path=str(ARTIFACTS / "docs_real_screening.png"))
+        page.check("#mode-specific")
+        assert page.evaluate("document.getElementById('overlay-canvas').toDataURL()") != screening
+        page.locator("#viewer").screenshot(path=str(ARTIFACTS / "docs_real_specific.png"))
+        # the slider leaves the modes: its own threshold gets its own row
+        page.locator("#min-score").fill("0.5")
+        assert not page.is_checked("#mode-specific") and page.locator("#case-decisions tr.current").get_attribute("data-mode") == "this threshold"
+        # toggles: the truth (and the markings) off, then the model's boxes off
+        page.check("#mode-balanced")
+        page.uncheck("#show-truth")
+        assert canvas_state(page)["truth"] == "0" and canvas_state(page)["hits"] == "0"
+        page.check("#show-truth")
+        page.locator("#model-toggles input").uncheck()
+        assert canvas_state(page)["boxes"] == "0" and int(canvas_state(page)["truth"]) == len(images[k]["ground_truth"])
+        page.locator("#model-toggles input").check()
+        # the credits of every source shown, in the footer
+        footer = page.text_content("#credits")
+        assert all(c["credit"][:40] in footer for c in payload["sources"].values())
+        show_case(page, 0)
+        page.locator("#viewer").screenshot(path=str(ARTIFACTS / "docs_real_viewer.png"))
+        page.screenshot(path=str(ARTIFACTS / "docs_real_full.png"), full_page=True)
+    finally:
+        page.close()
+    assert problems == []
+
+
+def test_real_cases_opened_from_disk(browser):
+    page, problems = open_page(browser, (ROOT / "docs" / "index.html").as_uri())
+    try:
+        assert "bundle.js" in page.text_content("#data-status")
+        assert page.locator("#image-select option").count() == len(real_cases()["images"])
+        assert page.evaluate("window.BoneR.state.image.naturalWidth") > 0  # the JPEG beside the page loads from disk too
     finally:
         page.close()
     assert problems == []

@@ -1,7 +1,8 @@
 """Property/fuzz test of `inference.load_image` on random and mutated bytes.
 
-Seeds are small PNG (8/16-bit), JPEG, TIFF, BMP and DICOM files (uncompressed,
-RLE, windowed, VOI LUT, MONOCHROME1). Mutations flip, insert, delete and truncate
+Seeds are small PNG (8/16-bit), JPEG (baseline, progressive), TIFF, BMP and DICOM
+files (uncompressed, RLE, JPEG 2000, deflated, windowed, VOI LUT, MONOCHROME1), so
+the decode budget's header walks are fuzzed too. Mutations flip, insert, delete and truncate
 bytes and overwrite the header fields that size the decode (PNG IHDR, DICOM
 Rows/Columns/Bits/Frames). Whatever the input, `load_image` must return a sane
 2-D image or raise `ImageDecodeError` with a known kind: no other exception, no
@@ -32,7 +33,7 @@ from hypothesis import strategies as st
 import inference
 from phantoms import encode, make_dicom, make_phantom, to_8bit
 
-KINDS = {"empty", "unsupported", "corrupt", "too_many_pixels", "unsupported_compression"}
+KINDS = {"empty", "unsupported", "corrupt", "too_many_pixels", "over_budget", "unsupported_compression"}
 MAX_PIXELS = 1_000_000  # keeps every accepted decode small
 LONG_RUN = int(os.environ.get("BONER_FUZZ_EXAMPLES", "0"))
 EXAMPLES = LONG_RUN or 150
@@ -72,7 +73,27 @@ def seeds() -> dict[str, bytes]:
         "dicom_window": make_dicom(ph16, window=(2048, 4096), photometric="MONOCHROME1", slope=0.5, intercept=10),
         "dicom_lut": make_dicom(ph16, voi_lut=np.linspace(0, 65535, 4096).astype(np.uint16)),
         "dicom8": make_dicom(ph8),
+        # the paths of the decode budget: codestream headers, scans, inflating
+        "dicom_j2k": make_dicom(ph16, compress="jpeg2000"),
+        "dicom_deflated": _deflated(make_dicom(ph16)),
+        "jpeg_progressive": _progressive(ph8),
     }
+
+
+def _progressive(pixels: np.ndarray) -> bytes:
+    import cv2
+
+    return cv2.imencode(".jpg", pixels, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
+
+
+def _deflated(data: bytes) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.1.99"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
 
 
 def check(data: bytes) -> None:

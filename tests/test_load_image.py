@@ -150,6 +150,48 @@ def test_dicom_compressed_decodes(phantom, syntax):
     assert meta.dicom["TransferSyntaxUID"] != "1.2.840.10008.1.2.1"
 
 
+def _resaved(data: bytes, syntax: str, fragments: list[bytes] | None = None) -> bytes:
+    """`data` saved again with another transfer syntax (pydicom deflates on writing), or with these fragments."""
+    import io
+
+    import pydicom
+    from pydicom.encaps import encapsulate
+
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.file_meta.TransferSyntaxUID = syntax
+    if fragments is not None:
+        ds.PixelData = encapsulate(fragments)
+        ds["PixelData"].VR = "OB"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def test_dicom_deflated_decodes_like_the_plain_file(phantom):
+    plain = make_dicom(phantom.pixels, window=(2000.0, 4000.0))
+    deflated = _resaved(plain, "1.2.840.10008.1.2.1.99")
+    assert len(deflated) < len(plain)
+    gray, meta = load_image(deflated)
+    assert np.array_equal(gray, load_image(plain).pixels)
+    assert meta.dicom["TransferSyntaxUID"] == "1.2.840.10008.1.2.1.99"
+
+
+def test_dicom_jpeg_baseline_frame_decodes(phantom):
+    px = to_8bit(phantom.pixels)
+    frame = encode(px, ".jpg")
+    gray, meta = load_image(_resaved(make_dicom(px), "1.2.840.10008.1.2.4.50", [frame]))
+    same = load_image(make_dicom(load_image(frame).pixels)).pixels  # OpenCV's decode, same display rule
+    assert meta.dicom["TransferSyntaxUID"] == "1.2.840.10008.1.2.4.50"
+    assert np.abs(gray.astype(int) - same).mean() < 1  # two libjpeg builds: IDCT rounding differs
+
+
+def test_dicom_corrupt_data_in_a_decodable_syntax_is_corrupt_not_unsupported():
+    data = _resaved(make_dicom(np.zeros((64, 64), np.uint8)), "1.2.840.10008.1.2.5", [b"\x01\x00\x00\x00" + b"\xff" * 60])
+    with pytest.raises(ImageDecodeError) as err:  # RLE Lossless: pydicom's own decoder is always there
+        load_image(data)
+    assert err.value.kind == "corrupt" and "RLE" in str(err.value)
+
+
 def test_dicom_undecodable_compression_is_refused_clearly(phantom):
     import io
 

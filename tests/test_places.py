@@ -58,16 +58,24 @@ class FakePlaces:
                                                              f"(https://maps.example/api?key={key})"})
                 if behaviour == "zero":
                     return self._json(200, {"status": "ZERO_RESULTS", "results": []})
+                if behaviour == "echo":
+                    # A result and a response header that quote the request URL, key included.
+                    echoed = f"http://{self.headers['Host']}{self.path}"
+                    place = _place(0) | {"name": f"Clinic at {echoed}", "vicinity": f"see {self.path}",
+                                         "place_id": f"pid?{url.query}"}
+                    return self._json(200, {"status": "OK", "results": [place]}, {"X-Echo": self.path})
                 results = [_place(i) for i in range(8)] + ["junk", {"no": "name"}]
                 return self._json(200, {"status": "OK", "results": results})
 
-            def _json(self, status, body):
-                self._raw(status, json.dumps(body).encode(), "application/json")
+            def _json(self, status, body, headers=None):
+                self._raw(status, json.dumps(body).encode(), "application/json", headers)
 
-            def _raw(self, status, data, ctype="text/html"):
+            def _raw(self, status, data, ctype="text/html", headers=None):
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", ctype)
+                    for name, value in (headers or {}).items():
+                        self.send_header(name, value)
                     self.send_header("Content-Length", str(len(data)))
                     self.end_headers()
                     self.wfile.write(data)
@@ -155,6 +163,20 @@ def test_request_denied_never_leaks_the_key_in_reason_or_logs(fake_places, caplo
     assert caplog.records, "the HTTP client should have logged the request"
     assert SECRET not in caplog.text
     assert "key=[redacted]" in caplog.text
+
+
+def test_results_and_child_loggers_never_leak_the_key(fake_places, caplog):
+    """A result that echoes the request URL is scrubbed; httpcore.http11 logs the echoing header at DEBUG."""
+    fake_places.behaviour = "echo"
+    caplog.set_level(logging.DEBUG)
+    out = lookup(fake_places)
+    assert out["available"] is True and len(out["results"]) == 1
+    assert SECRET not in json.dumps(out) and "key=[redacted]" in out["results"][0]["address"]
+    assert out["results"][0]["name"].startswith("Clinic at")
+    assert any(r.name == "httpcore.http11" for r in caplog.records), "httpcore's child logger should have logged"
+    assert "X-Echo" in caplog.text  # the header was logged ...
+    assert SECRET not in caplog.text  # ... without the key
+    assert SECRET not in "".join(logging.Formatter().format(r) for r in caplog.records)
 
 
 def test_unreachable_server_gives_a_reason():

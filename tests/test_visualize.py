@@ -49,9 +49,9 @@ def test_draw_overlay_boxes_legend_band():
     # box edges in each model's colour, in order of the legend
     assert count(out[150:152, 210:290], ORANGE) > 100
     assert count(out[258:262, 60:110], BLUE) > 50
-    # "c" has no box here but a legend entry: its swatch is the only green on the canvas
-    assert count(out[:300], GREEN) > 20
-    assert count(inference.draw_overlay(gray, dets)[:300], GREEN) == 0
+    # "c" has no box here but a key entry: its swatch, below the image (the key never covers the radiograph)
+    assert count(out[300:], GREEN) > 20 and count(out[:300], GREEN) == 0
+    assert count(inference.draw_overlay(gray, dets)[300:], GREEN) == 0
 
 
 def test_draw_overlay_labels_do_not_cover_each_other():
@@ -168,3 +168,32 @@ def test_cli_bad_input_is_one_line(tmp_path, phantom, capsys, case):
     err = capsys.readouterr().err
     assert rc in (1, 2) and err.startswith("error: ") and err.count("\n") == 1, err
     assert image.read_bytes() == before
+
+
+def test_cli_draws_the_ground_truth_dashed(tmp_path, phantom):
+    image = tmp_path / "x.png"
+    image.write_bytes(encode(phantom.pixels, ".png"))
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    (labels / "x.txt").write_text(phantom.yolo_row + "\n")
+    preds = tmp_path / "r.json"
+    preds.write_text(json.dumps([{"image": str(image), "image_size": [240, 300], "threshold": 0.5, "detections": []}]))
+    x1, y1, x2, y2 = phantom.box
+
+    def top_edge(argv):
+        out = tmp_path / "o.png"
+        assert visualize.main(["--image", str(image), "--predictions", str(preds), "--out", str(out), *argv]) == 0
+        rgb = read_rgb(out)
+        return rgb, (rgb[y1, x1 + 2:x2 - 2] >= 250).all(axis=1)
+
+    rgb, white = top_edge(["--truth", str(labels)])  # a folder of <stem>.txt
+    assert white.sum() >= 6 and np.count_nonzero(np.diff(white.astype(int))) >= 2  # white dashes with gaps between
+    assert top_edge(["--truth", str(labels / "x.txt")])[1].sum() == white.sum()  # or the label file itself
+    plain, none = top_edge([])
+    assert none.sum() <= 2 and white.sum() >= none.sum() + 6  # (the phantom's cortex has a near-white pixel or two)
+    assert (rgb[300:] >= 250).all(axis=2).sum() > (plain[300:] >= 250).all(axis=2).sum() + 50  # "ground truth (dashed)" in the key
+    # an image without a label file in the folder: no fracture marked (the key says so), not an error
+    (labels / "x.txt").unlink()
+    assert top_edge(["--truth", str(labels)])[1].sum() == none.sum()
+    assert visualize.main(["--image", str(image), "--predictions", str(preds), "--out", str(tmp_path / "o.png"),
+                           "--truth", str(tmp_path / "missing.txt")]) == 2
