@@ -256,22 +256,11 @@ class Server:
             self.peak_mb = max(self.peak_mb, self.status("VmRSS"))
 
     def wait_healthy(self, timeout_s: float = 180.0) -> dict:
-        import httpx
+        from scripts.service_harness import wait_healthy
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"error: the service exited during startup (code {self.proc.returncode}); see {self.log.name}")
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                time.sleep(0.5)
-                continue
-            if health.get("status") != "ok":
-                raise SystemExit(f"error: the service is up but its model is unavailable: {health.get('reason')}")
-            self._sampler.start()
-            return health
-        raise SystemExit(f"error: the service did not become healthy within {timeout_s:.0f} s")
+        health = wait_healthy(self.url, self.proc, timeout_s, self.log.name)
+        self._sampler.start()
+        return health
 
     def stop(self) -> None:
         self._stop.set()

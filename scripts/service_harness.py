@@ -67,6 +67,26 @@ def check_loopback(url: str) -> None:
         raise SystemExit(f"error: {url} is not a loopback address; these scripts only talk to 127.0.0.1")
 
 
+def wait_healthy(url: str, proc: subprocess.Popen | None, timeout_s: float, log: Path | str | None) -> dict:
+    """Poll `url`/health until the model is loaded; SystemExit with the reason when the server dies, reports an
+    unavailable model, or is not up within `timeout_s`."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise SystemExit(f"error: the service exited during startup (code {proc.returncode}); see {log}")
+        try:
+            health = httpx.get(f"{url}/health", timeout=5).json()
+        except (httpx.HTTPError, ValueError):
+            time.sleep(0.5)
+            continue
+        if health.get("status") != "ok":
+            raise SystemExit(f"error: the service is up but its model is unavailable: {health.get('reason')}")
+        return health
+    raise SystemExit(f"error: the service did not become healthy within {timeout_s:.0f} s")
+
+
 class LocalServer:
     """A `uvicorn app.main:app` child process on loopback, or an existing one (`url`)."""
 
@@ -100,22 +120,7 @@ class LocalServer:
         return self
 
     def _wait_healthy(self) -> None:
-        import httpx
-
-        deadline = time.monotonic() + self.startup_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise SystemExit(f"error: the service exited during startup (code {self.proc.returncode}); see {self.log_path}")
-            try:
-                health = httpx.get(f"{self.url}/health", timeout=5).json()
-            except (httpx.HTTPError, ValueError):
-                time.sleep(0.5)
-                continue
-            if health.get("status") != "ok":
-                raise SystemExit(f"error: the service is up but its model is unavailable: {health.get('reason')}")
-            self.health = health
-            return
-        raise SystemExit(f"error: the service did not become healthy within {self.startup_timeout_s:.0f} s")
+        self.health = wait_healthy(self.url, self.proc, self.startup_timeout_s, self.log_path)
 
     @property
     def pid(self) -> int | None:

@@ -290,20 +290,6 @@ def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
     return path
 
 
-@pytest.fixture
-def torch_threads():
-    """One thread fewer than the cores, as the trainers use: on a shared 2-core machine two OpenMP
-    threads beside another busy process make every op wait (10-30x slower)."""
-    import torch
-
-    from train import default_torch_threads
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(default_torch_threads())
-    yield
-    torch.set_num_threads(before)
-
-
 def test_cli_fuse_with_a_classifier_checkpoint(dataset, tmp_path, torch_threads):
     """The real loading path: --classifier -> train_mura_cls.load_classifier -> the saved weights score every image."""
     data, items = dataset

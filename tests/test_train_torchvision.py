@@ -21,15 +21,9 @@ from phantoms import make_phantom
 
 
 @pytest.fixture(autouse=True)
-def _torch_threads():
-    """One thread fewer than the cores, as the trainers use: on a shared 2-core machine two OpenMP
-    threads beside another busy process make every op wait (10-30x slower)."""
-    from train import default_torch_threads
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(default_torch_threads())
+def _torch_threads(torch_threads):
+    """Every test here trains or predicts with torch: cores - 1 threads (conftest.torch_threads)."""
     yield
-    torch.set_num_threads(before)
 
 
 def test_effnet_lite0_imagenet_weights_load_strictly_offline():
