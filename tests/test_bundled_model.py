@@ -98,3 +98,32 @@ def test_main_job_on_one_image_and_a_folder(tmp_path, card):
     with open(tmp_path / "all.csv", newline="") as fh:
         assert {row["image"].rsplit("/", 1)[-1] for row in csv.DictReader(fh)} == {"a.png", "b.dcm"}
     assert len(list((tmp_path / "ov").glob("*.png"))) == 2
+
+
+def test_bundled_model_finds_the_fractures_it_is_shown_finding_on_real_radiographs(card):
+    """What the model finds, on real data committed with the site (docs/data: downscaled CC BY 4.0 test radiographs
+    with their truth): every fracture the site shows it finding clearly (top score >= balanced + 0.1 on the original)
+    is found again on the committed copy, with a box on the true one (IoU >= 0.3); every clear negative stays clean."""
+    from evaluate import box_iou
+
+    cases = json.loads((ROOT / "docs" / "data" / "cases.json").read_text())
+    balanced = card["thresholds"]["balanced"]["threshold"]
+    predictor = inference.Predictor()
+    checked = {"found": 0, "clean": 0}
+    for case in cases["images"]:
+        top = max((d["score"] for d in case["detections"]), default=0.0)
+        clear_hit = case["label"] == 1 and top >= balanced + 0.1
+        clear_negative = case["label"] == 0 and top < balanced - 0.1
+        if not (clear_hit or clear_negative):
+            continue
+        pred = predictor.predict(ROOT / "docs" / "data" / case["src"], mode="balanced", hints=False)
+        shown = [d for d in pred.detections if d.score >= balanced]
+        if clear_negative:
+            assert not shown, f"{case['id']}: a clear negative is flagged on its committed copy"
+            checked["clean"] += 1
+            continue
+        sx, sy = pred.width / case["width"], pred.height / case["height"]  # truth is in the original's pixels
+        truth = [[b["xyxy"][0] * sx, b["xyxy"][1] * sy, b["xyxy"][2] * sx, b["xyxy"][3] * sy] for b in case["ground_truth"]]
+        assert shown and box_iou([d.xyxy for d in shown], truth).max() >= 0.3, f"{case['id']}: the fracture is not boxed"
+        checked["found"] += 1
+    assert checked["found"] >= 3 and checked["clean"] >= 2, checked  # the test must look at something
