@@ -149,19 +149,25 @@
         known.set(d.model, { name: d.model, color: PALETTE[known.size % PALETTE.length], threshold: null, source: "", description: "" });
       }
     });
-    const src = str(entry.src);
-    return {
+    return Object.assign(sceneImage(entry), {
       kind: "predictions",
-      id: str(entry.id, src),
-      caption: str(entry.caption),
-      width: isNum(entry.width) ? entry.width : 0,
-      height: isNum(entry.height) ? entry.height : 0,
-      source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
       models: Array.from(known.values()),
       detections: detections,
       truth: cleanTruth(entry.ground_truth),
       synthetic: !!synthetic,
       note: str(note),
+    });
+  }
+
+  // What every scene takes from its entry: id, caption, size and a safe image source.
+  function sceneImage(entry) {
+    const src = str(entry.src);
+    return {
+      id: str(entry.id, src),
+      caption: str(entry.caption),
+      width: isNum(entry.width) ? entry.width : 0,
+      height: isNum(entry.height) ? entry.height : 0,
+      source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
     };
   }
 
@@ -170,18 +176,12 @@
     const model = payload.model || {};
     const name = str(model.name, "model") || "model";
     const modes = payload.modes || {};
-    const src = str(entry.src);
     const sources = payload.sources || {};
     const credit = sources[str(entry.source)] || null;
     const decisions = {};
     MODES.forEach(function (m) { if (entry.decisions && entry.decisions[m]) decisions[m] = entry.decisions[m]; });
-    return {
+    return Object.assign(sceneImage(entry), {
       kind: "case",
-      id: str(entry.id, src),
-      caption: str(entry.caption),
-      width: isNum(entry.width) ? entry.width : 0,
-      height: isNum(entry.height) ? entry.height : 0,
-      source: SAFE_SRC.test(src) ? { kind: "url", url: "data/" + src } : { kind: "none" },
       models: [{
         name: name, color: SAFE_COLOR.test(str(model.color)) ? model.color : PALETTE[0],
         threshold: isNum((modes.balanced || {}).threshold) ? modes.balanced.threshold : null, source: "model card",
@@ -195,7 +195,7 @@
         source: str(entry.source), region: str(entry.region), label: entry.label === 1 ? 1 : 0, pickedAs: str(entry.picked_as, "draw"),
         original: str(entry.original), decisions: decisions, credit: credit,
       },
-    };
+    });
   }
 
   function addScene(scene, select) {
