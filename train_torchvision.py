@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inference import DISCLAIMER, load_image, to_uint8  # noqa: E402
+from inference import DISCLAIMER, load_image, sha256_file, to_uint8  # noqa: E402
 from train import (  # noqa: E402
     DEFAULT_DATA,
     DEFAULT_RUNS,
@@ -267,7 +267,9 @@ def init_from(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     config.update({k: fresh[k] for k in ("rpn_pre_nms_top_n_train", "rpn_post_nms_top_n_train")})
     model = build_model(config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in ckpt["model"].items()}, strict=True)
-    return model, config, f"{display_path(args.init)} (its weights, fine-tuned with a fresh warm-up + cosine schedule)"
+    # the file may be replaced later (the bundle is): its hash keeps the lineage findable in git history
+    return model, config, (f"{display_path(args.init)} (sha256 {sha256_file(args.init)[:12]}; its weights, fine-tuned with a "
+                           "fresh warm-up + cosine schedule)")
 
 
 # --------------------------------------------------------------------------- validation

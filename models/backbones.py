@@ -115,10 +115,14 @@ class FoldedAwayNorm(FrozenBatchNorm2d):
         return x
 
 
+# EfficientNet-Lite's (convolution, the norm right after it): the stem's, then each MBConv block's (package naming)
+EFFNET_STEM_CONV_NORM = ("conv_stem", "bn0")
+EFFNET_BLOCK_CONV_NORMS = (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))
+
+
 def fold_frozen_norms(net: nn.Module) -> nn.Module:
     """Fold every frozen norm of EfficientNet-Lite (stem and blocks) into the convolution before it, in place."""
-    pairs = [(net, "conv_stem", "bn0")] + [(block, conv, norm) for block in net.blocks for conv, norm in
-                                             (("_expand_conv", "_bn0"), ("_depthwise_conv", "_bn1"), ("_project_conv", "_bn2"))]
+    pairs = [(net, *EFFNET_STEM_CONV_NORM)] + [(block, conv, norm) for block in net.blocks for conv, norm in EFFNET_BLOCK_CONV_NORMS]
     for owner, conv_name, norm_name in pairs:
         conv, norm = getattr(owner, conv_name, None), getattr(owner, norm_name, None)
         if isinstance(conv, nn.Conv2d) and type(norm) is FrozenBatchNorm2d:

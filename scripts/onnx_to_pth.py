@@ -8,9 +8,9 @@ one Add constant after its convolution (scale = w / sqrt(var + eps), shift =
 b - mean * scale). Those are read back from the graph (the Mul/Add that follow
 the convolution the norm layer belongs to) and stored as an exactly equivalent
 frozen norm: weight = scale, bias = shift, mean = 0, var = 1 - eps. The model
-config comes from the card beside the ONNX file. The result is checked: the
-rebuilt PyTorch model and the ONNX file must give the same outputs on a
-synthetic image (`--check`, on by default).
+config comes from the card beside the ONNX file. `--check IMAGE ...` compares
+the written checkpoint's boxes with the ONNX file's on those images (float32
+must match; float16 reports the difference).
 
 ``--fp16`` stores the tensors as float16 (half the bytes; they load as float32,
 so the predictions move by float16 rounding: fine to fine-tune from, not to
@@ -30,8 +30,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# EfficientNet-Lite's norm layers and the convolution each one follows (package naming)
-CONV_BEFORE_NORM = {"bn0": "conv_stem", "_bn0": "_expand_conv", "_bn1": "_depthwise_conv", "_bn2": "_project_conv"}
 
 
 class RecoverError(Exception):
@@ -73,8 +71,10 @@ def recover_state(onnx_path: Path, config: dict) -> dict:
     import torch
     from onnx import numpy_helper
 
+    from models.backbones import EFFNET_BLOCK_CONV_NORMS, EFFNET_STEM_CONV_NORM
     from models.torchvision_det import build_model
 
+    conv_before_norm = {norm: conv for conv, norm in (EFFNET_STEM_CONV_NORM, *EFFNET_BLOCK_CONV_NORMS)}
     graph = onnx.load(str(onnx_path)).graph
     named = {i.name[len("model."):]: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("model.")}
     norms = folded_norms(graph)
@@ -88,7 +88,7 @@ def recover_state(onnx_path: Path, config: dict) -> dict:
             value = torch.from_numpy(named[key].copy())
         elif prefix in eps:
             parent, _, norm = prefix.rpartition(".")
-            pair = norms.get(f"model.{parent}.{CONV_BEFORE_NORM.get(norm)}.weight")
+            pair = norms.get(f"model.{parent}.{conv_before_norm.get(norm)}.weight")
             if pair is None:
                 missing.append(key)
                 continue

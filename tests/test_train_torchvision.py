@@ -258,6 +258,9 @@ def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path
     args = argparse.Namespace(init=path, arch="fasterrcnn", backbone="effnet_lite0_fpn", imgsz=160)
     started, new_config, note = init_from(args)
     assert new_config["imgsz"] == 160 and new_config["rpn_post_nms_top_n_train"] == 500 and "fresh" in note
+    from inference import sha256_file
+
+    assert f"sha256 {sha256_file(path)[:12]}" in note  # the lineage survives the file being replaced
     for key, value in model.state_dict().items():
         got = started.state_dict()[key]
         assert got.dtype == value.dtype
