@@ -10,13 +10,13 @@ default: the model card's, else the file type) or a YAML list (``--models-yaml``
 ``{name, weights, backend}``.
 
 Accuracy: each model predicts the split (boxes down to score 0.001) and is scored
-by `evaluate.run_evaluation`; its operating thresholds come from its model card
+by `run_evaluation`; its operating thresholds come from its model card
 (chosen on val by `evaluate.py --write-card`), else they are chosen on the val split
-now by `evaluate.choose_operating_points`. The JSON follows docs/data/benchmark.schema.json.
+now by `choose_operating_points`. The JSON follows docs/data/benchmark.schema.json.
 
 Speed: on N images (default: synthetic 16-bit phantom radiographs of 2000x2500 px
 written as PNG to a temporary folder; or ``--images DIR``), after a warm-up, per model:
-decode (`inference.load_image`), harmonize (`inference.harmonize`), model
+decode (`load_image`), harmonize (`harmonize`), model
 (`detector.predict`), post (mapping to original pixels + hints) and end to end; for a
 YOLO ``.pt`` also plain Ultralytics ``YOLO(pt).predict(path)`` end to end on the same
 files. Every model predicts at its balanced threshold (the plain Ultralytics run uses the
@@ -34,75 +34,28 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import inference
+from bone_r import site
+from bone_r.card import load_model_card
+from bone_r.dataset import EvaluationError, load_ground_truth
+from bone_r.image import list_images, load_image
+from bone_r.metrics import jsonable, run_evaluation
+from bone_r.modes import resolve_threshold
+from bone_r.runs import display_path, git_commit, set_threads
+from inference import ModelSpec, build_predictor, load_models_yaml, parse_model_spec
 
 ROOT = Path(__file__).resolve().parent
 DEFAULT_OUT = ROOT / "docs" / "data" / "benchmark.json"
 SCHEMA_NAME = "benchmark.schema.json"
 
 
-@dataclass
-class ModelSpec:
-    name: str
-    weights: Path
-    backend: str | None = None
-
-
 class BenchmarkError(ValueError):
     """Bad input: the message is one line for a person."""
-
-
-def parse_model_spec(spec: str) -> ModelSpec:
-    """``name=weights[:backend]``; a bare path is named after its stem."""
-    from models import available_backends
-
-    name, sep, rest = spec.partition("=")
-    if not sep:
-        name, rest = Path(spec).stem, spec
-    if not name or not rest:
-        raise BenchmarkError(f"bad model spec {spec!r}: expected name=weights[:backend]")
-    backend = None
-    head, colon, tail = rest.rpartition(":")
-    if colon and tail in available_backends():
-        rest, backend = head, tail
-    return ModelSpec(name, Path(rest), backend)
-
-
-def load_models_yaml(path: str | Path) -> list[ModelSpec]:
-    import yaml
-
-    path = Path(path)
-    if not path.is_file():
-        raise BenchmarkError(f"models file not found: {path}")
-    data = yaml.safe_load(path.read_text())
-    if isinstance(data, dict):
-        data = data.get("models", data)
-    if not isinstance(data, list) or not all(isinstance(m, dict) and "weights" in m for m in data):
-        raise BenchmarkError(f"{path}: expected a list of {{name, weights, backend}}")
-    base = path.resolve().parent
-    specs = []
-    for m in data:
-        w = Path(m["weights"])
-        specs.append(ModelSpec(str(m.get("name") or w.stem), w if w.is_absolute() else base / w, m.get("backend")))
-    return specs
-
-
-def build_predictor(spec: ModelSpec, device: str = "cpu"):
-
-    try:
-        return inference.Predictor(spec.weights, spec.backend, device)
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        raise BenchmarkError(f"model {spec.name}: {err}") from None
-    except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
-        raise BenchmarkError(f"model {spec.name}: cannot load {spec.weights}: {type(err).__name__}: {err}") from None
 
 
 def count_params(detector: Any) -> int | None:
@@ -119,17 +72,6 @@ def count_params(detector: Any) -> int | None:
         if obj is None:
             return None
     return None
-
-
-def git_commit() -> str | None:
-    """HEAD's short hash, with '+dirty' when the working tree has changes; None outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (sha + ("+dirty" if dirty else "")) if sha else None
 
 
 def _stats(values: list[float]) -> dict[str, float | None]:
@@ -156,7 +98,7 @@ def benchmark_row(spec: ModelSpec, predictor: Any, summary: dict[str, Any], thre
     bal = summary["image_level"].get("balanced") or {}
     return {
         "name": spec.name,
-        "weights": inference.display_path(spec.weights),
+        "weights": display_path(spec.weights),
         "backend": predictor.name,
         "map50": summary["box"]["map50"],
         "map50_95": summary["box"]["map50_95"],
@@ -173,14 +115,13 @@ def benchmark_row(spec: ModelSpec, predictor: Any, summary: dict[str, Any], thre
 def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_split: str = "val", *, n_boot: int = 2000,
                     seed: int = 0, device: str = "cpu", progress: bool = True, predictor: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(benchmark row, full evaluate report) for one model."""
-    import evaluate
 
     predictor = predictor or build_predictor(spec, device)
     card_thresholds = (predictor.card or {}).get("thresholds")
     try:
-        report = evaluate.run_evaluation(predictor, data, split, val_split, thresholds=card_thresholds or None,
+        report = run_evaluation(predictor, data, split, val_split, thresholds=card_thresholds or None,
                                          threshold_source="model_card", n_boot=n_boot, seed=seed, progress=progress, keep_records=True)
-    except evaluate.EvaluationError as err:
+    except EvaluationError as err:
         raise BenchmarkError(f"model {spec.name}: {err}") from None
     records = report.pop("_records")
     ms = [v for v in map(_e2e_ms, records) if v is not None]
@@ -193,9 +134,9 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
 def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """(benchmark row, the card's metrics) from the test metrics `evaluate.py --write-card` stored in the model's card,
     without predicting again. Refused unless the card was scored on `split` of this very dataset (splits.csv hash)."""
-    card = inference.load_model_card(spec.weights) or {}
+    card = load_model_card(spec.weights) or {}
     metrics = card.get("metrics")
-    evaluate_first = (f"run: python evaluate.py --weights {inference.display_path(spec.weights)} --data <dataset.yaml> "
+    evaluate_first = (f"run: python evaluate.py --weights {display_path(spec.weights)} --data <dataset.yaml> "
                       f"--write-card")
     if not metrics:
         raise BenchmarkError(f"model {spec.name}: its card has no test metrics; {evaluate_first}")
@@ -234,9 +175,8 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
               from_cards: bool = False) -> dict[str, Any]:
     """Every model on the same split -> the docs/data/benchmark.json payload (`from_cards`: rows from the models'
     cards, which evaluate.py scored on this split; nothing is predicted)."""
-    import evaluate
 
-    sha = evaluate.load_ground_truth(data, split).splits_sha256 if from_cards else None
+    sha = load_ground_truth(data, split).splits_sha256 if from_cards else None
     rows, first = [], None
     for spec in specs:
         if from_cards:
@@ -247,11 +187,11 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
         rows.append(row)
         first = first or report
     assert first is not None
-    return evaluate.jsonable({
+    return jsonable({
         "schema": SCHEMA_NAME,
         "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "data": inference.display_path(data),
+        "commit": git_commit(short=True),
+        "data": display_path(data),
         "split": split,
         "val_split": val_split,
         "n_images": first["n_images"],
@@ -292,11 +232,10 @@ def format_table(payload: dict[str, Any]) -> str:
 
 
 def write_phantoms(folder: Path, n: int, width: int, height: int, seed: int = 0) -> list[Path]:
-    """N 16-bit PNG phantom radiographs (tests/phantoms.py) of width x height."""
+    """N 16-bit PNG phantom radiographs (bone_r.synthetic) of width x height."""
     import cv2
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from phantoms import make_phantom
+    from bone_r.synthetic import make_phantom
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -315,7 +254,7 @@ def time_pipeline(predictor: Any, images: list[Path], warmup: int = 2, repeats: 
     for _ in range(repeats):
         for path in images:
             t0 = time.perf_counter()
-            loaded = inference.load_image(path, max_pixels=predictor.max_pixels)
+            loaded = load_image(path, max_pixels=predictor.max_pixels)
             t1 = time.perf_counter()
             pred = predictor.predict_loaded(loaded, str(path))
             t2 = time.perf_counter()
@@ -352,15 +291,15 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
     from tqdm import tqdm
 
     if threads:
-        inference.set_threads(threads)
+        set_threads(threads)
     rows = []
     baseline = None
     for spec in tqdm(specs, desc="speed", unit="model"):
         predictor = (predictors or {}).get(spec.name) or build_predictor(spec, device)
-        row: dict[str, Any] = {"name": spec.name, "weights": inference.display_path(spec.weights), "backend": predictor.name}
+        row: dict[str, Any] = {"name": spec.name, "weights": display_path(spec.weights), "backend": predictor.name}
         row |= {"stages_ms": time_pipeline(predictor, images, warmup, repeats)}
         if plain_ultralytics and spec.weights.suffix == ".pt" and str(predictor.name).startswith("yolo"):
-            conf, _ = inference.resolve_threshold("balanced", predictor.card)
+            conf, _ = resolve_threshold("balanced", predictor.card)
             imgsz = int((predictor.card or {}).get("imgsz") or getattr(predictor.detector, "imgsz", 640))
             row["plain_ultralytics_ms"] = time_plain_ultralytics(spec.weights, images, conf, imgsz, device, warmup, repeats)
             if baseline is None:
@@ -375,12 +314,12 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
         med = row["stages_ms"]["end_to_end"]["median"]
         if baseline and baseline[1] and med:
             row["speedup_vs_plain_pytorch"] = round(baseline[1] / med, 3)
-    from evaluate import image_size
+    from bone_r.dataset import image_size
 
     sizes = sorted({image_size(Path(p)) for p in images})
     return {
         "generated": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": git_commit(short=True),
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "threads": threads, "device": device},
         "images": {"n": len(images), "sizes_wh": [list(s) for s in sizes], "warmup": warmup, "repeats": repeats},
         "baseline": None if baseline is None else {"model": baseline[0], "what": what, "end_to_end_median_ms": baseline[1]},
@@ -485,15 +424,13 @@ def main(argv: list[str] | None = None) -> int:
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # evaluate.EvaluationError and friends
+    except ValueError as err:  # EvaluationError and friends
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or DEFAULT_OUT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(payload, indent=2) + "\n")
-    from compare_overlay import refresh_site_bundle
-
-    refresh_site_bundle(out)  # pages opened from disk read bundle.js
+    site.refresh_bundle(out)  # pages opened from disk read bundle.js
     print(format_table(payload))
     print(f"wrote {out}")
     print("Research and teaching tool, not a diagnosis.")
@@ -503,12 +440,12 @@ def main(argv: list[str] | None = None) -> int:
 def _main_speed(args: argparse.Namespace, specs: list[ModelSpec]) -> int:
 
     if args.threads:
-        inference.set_threads(args.threads)  # before any model loads
+        set_threads(args.threads)  # before any model loads
     with tempfile.TemporaryDirectory(prefix="bone-r-speed-") as tmp:
         if args.images:
             if not args.images.is_dir():
                 raise BenchmarkError(f"not a folder: {args.images}")
-            images = inference.list_images(args.images)[: args.n]
+            images = list_images(args.images)[: args.n]
             if not images:
                 raise BenchmarkError(f"no images in {args.images}")
         else:

@@ -8,8 +8,8 @@
     # with the ground truth dashed (YOLO labels: one .txt, or a folder of <image stem>.txt)
     python compare_overlay.py --image x.png --truth labels/ --models ... --out compare.png
 
-Each model gets its own colour (`inference.PALETTE`, in the order given) and key
-entry; boxes are drawn by `inference.draw_overlay` (labels outside their boxes, never
+Each model gets its own colour (`PALETTE`, in the order given) and key
+entry; boxes are drawn by `draw_overlay` (labels outside their boxes, never
 over each other; numbered tags and a key when boxes crowd). The PNG shows each model's boxes
 at or above its own threshold (`--mode` from its model card, or `--conf`).
 
@@ -31,58 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import inference
-import visualize
-from bone_r import site
-from inference import Detection
+from bone_r import DISCLAIMER, site
+from bone_r.contract import to_uint8
+from bone_r.dataset import EvaluationError, truth_for
+from bone_r.detection import Detection, RecordError, detections_from_record, find_record, load_records
+from bone_r.draw import encode_png, render
+from bone_r.image import DEFAULT_MAX_PIXELS, ImageDecodeError, LoadedImage, load_image
+from bone_r.modes import MODES
+from bone_r.site import SITE_DATA, hex_color, model_colors, site_payload
+from inference import ModelSpecError
 
 ROOT = Path(__file__).resolve().parent
-SITE_DATA = ROOT / "docs" / "data"
-PREDICTIONS_FORMAT = "bone-r-predictions/1"
-# The JSON files the site reads; bundle.js carries a copy of each for file:// pages.
-SITE_FILES = site.SITE_FILES
-
-
-def hex_color(rgb: tuple[int, int, int]) -> str:
-    return "#{:02x}{:02x}{:02x}".format(*rgb)
-
-
-def model_colors(names: list[str]) -> dict[str, tuple[int, int, int]]:
-    """One palette colour per model, in the order given (the PNG and the site agree)."""
-    return {name: inference.PALETTE[i % len(inference.PALETTE)] for i, name in enumerate(names)}
-
-
-# --------------------------------------------------------------------------- the site's format
-
-
-def site_payload(models: list[dict[str, Any]], images: list[dict[str, Any]], *, generator: str, synthetic: bool,
-                 notes: list[str] | None = None) -> dict[str, Any]:
-    """predictions.json: `models` [{name, color, threshold, threshold_source, mode, description}],
-    `images` [{id, src, width, height, caption, ground_truth?, detections [Detection.to_dict()]}]."""
-    return {
-        "format": PREDICTIONS_FORMAT,
-        "generated": site.now_stamp(),
-        "generator": generator,
-        "synthetic": synthetic,
-        "disclaimer": inference.DISCLAIMER,
-        "notes": list(notes or []),
-        "models": models,
-        "images": images,
-    }
-
-
-write_json = site.write_json
-
-
-def write_site_bundle(data_dir: Path = SITE_DATA, stamp: str | None = None) -> Path:
-    """bundle.js, the copy of the site's JSON for pages opened from disk (`bone_r.site.write_bundle`).
-
-    benchmark.py and evaluate.py refresh it through `refresh_site_bundle`; after a hand
-    edit: `python scripts/make_demo_docs.py --bundle-only`.
-    """
-    return site.write_bundle(data_dir, stamp)
-
-
-refresh_site_bundle = site.refresh_bundle
 
 
 # --------------------------------------------------------------------------- models
@@ -94,8 +53,12 @@ def parse_named(spec: str) -> tuple[str, str]:
     if not sep:
         name, value = Path(spec).stem, spec
     if not name or not value:
-        raise visualize.VisualizeError(f"bad spec {spec!r}: expected NAME=PATH")
+        raise CompareError(f"bad spec {spec!r}: expected NAME=PATH")
     return name, value
+
+
+class CompareError(ValueError):
+    """Bad arguments or inputs for a comparison; main() prints it and exits 2."""
 
 
 class ModelSource:
@@ -104,7 +67,7 @@ class ModelSource:
     def __init__(self, name: str, predictor: inference.Predictor | None = None, records: list[dict[str, Any]] | None = None):
         self.name, self.predictor, self.records = name, predictor, records
 
-    def detections(self, path: Path, loaded: inference.LoadedImage, mode: str, conf: float | None,
+    def detections(self, path: Path, loaded: LoadedImage, mode: str, conf: float | None,
                    min_score: float) -> tuple[list[Detection], float, str]:
         """(boxes down to `min_score`, this model's display threshold, where it came from)."""
         if self.predictor is not None:
@@ -112,8 +75,8 @@ class ModelSource:
             dets = pred.detections
             threshold, source = pred.threshold, pred.threshold_source
         else:
-            record = visualize.find_record(self.records, path)
-            dets = visualize.detections_from_record(record, loaded.meta.size, conf=min_score)
+            record = find_record(self.records, path)
+            dets = detections_from_record(record, loaded.meta.size, conf=min_score)
             threshold = conf if conf is not None else float(record.get("threshold", 0.0) or 0.0)
             source = "conf" if conf is not None else str(record.get("threshold_source", "record"))
         for det in dets:
@@ -124,25 +87,23 @@ class ModelSource:
 def build_sources(args: argparse.Namespace) -> list[ModelSource]:
     sources = []
     for spec in args.models:
-        from benchmark import BenchmarkError, parse_model_spec
-
         try:
-            ms = parse_model_spec(spec)
-        except BenchmarkError as err:
-            raise visualize.VisualizeError(str(err)) from None
+            ms = inference.parse_model_spec(spec)
+        except ModelSpecError as err:
+            raise CompareError(str(err)) from None
         try:
             predictor = inference.Predictor(ms.weights, ms.backend, args.device, max_pixels=args.max_pixels)
         except (FileNotFoundError, ValueError, ImportError) as err:
-            raise visualize.VisualizeError(f"model {ms.name}: {err}") from None
+            raise CompareError(f"model {ms.name}: {err}") from None
         sources.append(ModelSource(ms.name, predictor=predictor))
     for spec in args.predictions:
         name, path = parse_named(spec)
-        sources.append(ModelSource(name, records=visualize.load_records(Path(path))))
+        sources.append(ModelSource(name, records=load_records(Path(path))))
     names = [s.name for s in sources]
     if not sources:
-        raise visualize.VisualizeError("no models: pass --models NAME=WEIGHTS ... and/or --predictions NAME=RESULTS.json ...")
+        raise CompareError("no models: pass --models NAME=WEIGHTS ... and/or --predictions NAME=RESULTS.json ...")
     if len(set(names)) != len(names):
-        raise visualize.VisualizeError(f"model names must be unique, got {names}")
+        raise CompareError(f"model names must be unique, got {names}")
     return sources
 
 
@@ -156,7 +117,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", nargs="+", default=[], metavar="NAME=WEIGHTS[:BACKEND]", help="models to predict with")
     p.add_argument("--predictions", nargs="+", default=[], metavar="NAME=RESULTS.json", help="saved predictions, one file per model")
     p.add_argument("--out", required=True, type=Path, help="overlay PNG (a folder when several images are given)")
-    p.add_argument("--mode", default="balanced", choices=inference.MODES, help="each model's operating point for the PNG")
+    p.add_argument("--mode", default="balanced", choices=MODES, help="each model's operating point for the PNG")
     p.add_argument("--conf", type=float, default=None, help="one threshold for every model in the PNG (overrides --mode)")
     p.add_argument("--min-score", type=float, default=0.05, help="lowest score kept in predictions.json (default 0.05)")
     p.add_argument("--hints", action="store_true", help="also write the best-guess hint line on the PNG")
@@ -166,7 +127,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--site-max-side", type=int, default=1024, help="long side of the display copy written for the site")
     p.add_argument("--no-site", action="store_true", help="write only the PNG")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--max-pixels", type=int, default=inference.DEFAULT_MAX_PIXELS)
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     return p
 
 
@@ -174,15 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return _run(args)
-    except visualize.VisualizeError as err:
+    except (CompareError, RecordError, EvaluationError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
 
-def _site_image(loaded: inference.LoadedImage, max_side: int) -> bytes:
+def _site_image(loaded: LoadedImage, max_side: int) -> bytes:
     import cv2
 
-    gray = inference.to_uint8(loaded.pixels)
+    gray = to_uint8(loaded.pixels)
     h, w = gray.shape
     if max(h, w) > max_side:
         scale = max_side / max(h, w)
@@ -197,22 +158,22 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("conf", "min_score"):
         value = getattr(args, name)
         if value is not None and not 0 <= value <= 1:
-            raise visualize.VisualizeError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
+            raise CompareError(f"--{name.replace('_', '-')} must lie in [0, 1], got {value}")
     if args.site_max_side < 32:
-        raise visualize.VisualizeError("--site-max-side must be >= 32")
+        raise CompareError("--site-max-side must be >= 32")
     if args.truth is not None and not args.truth.exists():
-        raise visualize.VisualizeError(f"--truth {args.truth} does not exist")
+        raise CompareError(f"--truth {args.truth} does not exist")
     missing = [str(p) for p in args.image if not p.is_file()]
     if missing:
-        raise visualize.VisualizeError(f"not a file: {', '.join(missing)}")
+        raise CompareError(f"not a file: {', '.join(missing)}")
     several = len(args.image) > 1
     if several and args.out.suffix:
-        raise visualize.VisualizeError("--out must be a folder when several images are given")
+        raise CompareError("--out must be a folder when several images are given")
     if not several and args.out.suffix.lower() != ".png":
-        raise visualize.VisualizeError(f"--out must end in .png, got {args.out.name!r}")
+        raise CompareError(f"--out must end in .png, got {args.out.name!r}")
     stems = [p.stem for p in args.image]
     if len(set(stems)) != len(stems):
-        raise visualize.VisualizeError("the images must have different file names (their stems name the outputs)")
+        raise CompareError("the images must have different file names (their stems name the outputs)")
     sources = build_sources(args)
     names = [s.name for s in sources]
     colors = model_colors(names)
@@ -222,11 +183,11 @@ def _run(args: argparse.Namespace) -> int:
     site_images, model_info = [], {}
     for path in tqdm(args.image, desc="compare", unit="img", disable=not several):
         try:
-            loaded = inference.load_image(path, max_pixels=args.max_pixels)
+            loaded = load_image(path, max_pixels=args.max_pixels)
             per_model = [(s, *s.detections(path, loaded, args.mode, args.conf, args.min_score)) for s in sources]
-            truth = visualize.truth_for(path, args.truth, loaded.meta.size)
-        except inference.ImageDecodeError as err:
-            raise visualize.VisualizeError(f"{path}: {err}") from None
+            truth = truth_for(path, args.truth, loaded.meta.size)
+        except ImageDecodeError as err:
+            raise CompareError(f"{path}: {err}") from None
         shown, everything = [], []
         for source, dets, threshold, how in per_model:
             shown += [d for d in dets if d.score >= threshold]
@@ -235,10 +196,10 @@ def _run(args: argparse.Namespace) -> int:
                                                 "threshold": round(threshold, 6), "threshold_source": how, "mode": args.mode,
                                                 "description": _describe(source)})
         title = f"{len(names)} models, mode {args.mode}" if args.conf is None else f"{len(names)} models, conf {args.conf:g}"
-        rgb = visualize.render(loaded, shown, colors=colors, legend=names, show_hints=args.hints, title=title, truth=truth)
+        rgb = render(loaded, shown, colors=colors, legend=names, show_hints=args.hints, title=title, truth=truth)
         out = args.out / f"{path.stem}_compare.png" if several else args.out
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_bytes(inference.encode_png(rgb))
+        out.write_bytes(encode_png(rgb))
         counts = ", ".join(f"{s.name} {sum(d.score >= t for d in dets)}" for s, dets, t, _ in per_model)
         print(f"{path}: boxes at threshold: {counts} -> {out}")
         if not args.no_site:
@@ -255,11 +216,11 @@ def _run(args: argparse.Namespace) -> int:
         payload = site_payload(list(model_info.values()), site_images, generator="compare_overlay.py", synthetic=False,
                                notes=[f"boxes down to score {args.min_score:g}; each model's threshold is its {args.mode} "
                                       "operating point" if args.conf is None else f"boxes down to score {args.min_score:g}"])
-        written = write_json(args.site_dir / "predictions.json", payload)
-        bundle = write_site_bundle(args.site_dir)
+        written = site.write_json(args.site_dir / "predictions.json", payload)
+        bundle = site.write_bundle(args.site_dir)
         print(f"site data: {written} (+ {len(site_images)} local-*.png image(s), {bundle.name}); "
               "the local-*.png copies are git-ignored: publish a radiograph only if its licence allows")
-    print(inference.DISCLAIMER)
+    print(DISCLAIMER)
     return 0
 
 

@@ -29,121 +29,49 @@ Research and teaching tool, not a diagnosis.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
-import json
 import os
-import random
 import re
-import shlex
 import shutil
-import socket
-import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bone_r import DISCLAIMER
+from bone_r.card import (
+    base_card,
+    card_path_for,
+    write_card,
+)
+from bone_r.contract import Contract
+from bone_r.dataset import DatasetInfo, load_dataset
+from bone_r.runs import (
+    DEFAULT_DATA,
+    DEFAULT_RUNS,
+    TrainError,
+    absolute,
+    default_torch_threads,
+    display_path,
+    evaluate_after_training,
+    log_epoch,
+    note_resume,
+    online,
+    prepare_run_dir,
+    read_json,
+    read_train_log,
+    run_cli,
+    seed_everything,
+    subset,
+    training_summary,
+    write_run_files,
+)
+
 ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-from inference import DISCLAIMER, Contract, card_path_for, display_path, sha256_file  # noqa: E402
-
-DEFAULT_RUNS = ROOT / "runs"
-DEFAULT_DATA = ROOT / "dataset.yaml"
-CLASSES = ["fracture"]
 ARCH_SUFFIXES = (".yaml", ".yml")
 
 
-class TrainError(Exception):
-    """A problem the user can fix; printed as one line on stderr (exit code 2), never as a traceback."""
-
-
 # --------------------------------------------------------------------------- shared: dataset
-
-
-@dataclass
-class DatasetInfo:
-    """A Bone-R dataset tree resolved to absolute paths."""
-
-    yaml_path: Path
-    root: Path
-    splits: dict[str, list[Path]]  # split -> image folders (absolute)
-    names: list[str]
-    contract: Contract
-    contract_source: str
-    splits_csv: Path | None
-    splits_sha256: str | None
-    notes: list[str] = field(default_factory=list)
-
-    def images(self, split: str) -> list[Path]:
-        """The split's images (sorted; recognized by suffix), [] when the split is absent."""
-        from inference import list_images
-
-        found: list[Path] = []
-        for folder in self.splits.get(split, []):
-            found.extend(list_images(folder))
-        return sorted(dict.fromkeys(found))
-
-
-def load_dataset(yaml_path: str | Path, contract_path: str | Path | None = None) -> DatasetInfo:
-    """Read a dataset.yaml by Bone-R's convention (`evaluate.load_dataset_yaml`: a relative
-    ``path:`` is relative to the yaml's folder, no ``path`` means the yaml's folder; Ultralytics
-    would resolve it against its own datasets folder). ``contract.json`` is looked for in the
-    yaml's folder, then in the dataset root; ``contract_path`` overrides both.
-    """
-    from evaluate import EvaluationError, load_dataset_yaml
-
-    yaml_path = Path(yaml_path)
-    try:
-        root, data = load_dataset_yaml(yaml_path)
-    except EvaluationError as err:
-        raise TrainError(str(err).splitlines()[0]) from None
-    if not root.is_dir():
-        raise TrainError(f"the dataset root {root} (from {yaml_path}) is not a folder")
-    base = Path(os.path.abspath(yaml_path)).parent
-    splits: dict[str, list[Path]] = {}
-    for split in ("train", "val", "test"):
-        entry = data.get(split)
-        if not entry:
-            continue
-        folders = []
-        for item in entry if isinstance(entry, list) else [entry]:
-            folder = Path(str(item))
-            folder = folder if folder.is_absolute() else root / folder
-            if not folder.is_dir():
-                raise TrainError(f"{split} folder {folder} (from {yaml_path}) does not exist; Bone-R trees list image folders")
-            folders.append(folder)
-        splits[split] = folders
-    for split in ("train", "val"):
-        if split not in splits:
-            raise TrainError(f"{yaml_path} has no '{split}' entry")
-    names = data.get("names") or {0: "fracture"}
-    names = [names[k] for k in sorted(names)] if isinstance(names, dict) else list(names)
-    if contract_path is not None:
-        cpath = Path(contract_path)
-        if not cpath.is_file():
-            raise TrainError(f"contract file not found: {cpath}")
-    else:
-        cpath = next((c for c in (base / "contract.json", root / "contract.json") if c.is_file()), None)
-        if cpath is None:
-            raise TrainError(
-                f"no contract.json beside {yaml_path} or in {root}: the tree must come from scripts/preprocess.py "
-                "(which writes it); pass --contract PATH to state the contract its images were made with"
-            )
-    try:
-        contract = Contract.load(cpath)
-    except (ValueError, TypeError, OSError) as err:
-        raise TrainError(f"cannot read the contract {cpath}: {err}") from None
-    splits_csv = next((c for c in (base / "splits.csv", root / "splits.csv") if c.is_file()), None)
-    notes = []
-    if splits_csv is None:
-        notes.append(f"no splits.csv beside {yaml_path}: splits_sha256 is null")
-    return DatasetInfo(yaml_path, root, splits, [str(n) for n in names], contract, str(cpath.resolve()), splits_csv,
-                       sha256_file(splits_csv) if splits_csv else None, notes)
 
 
 def label_path_for(image: Path) -> Path:
@@ -175,348 +103,10 @@ def read_yolo_boxes(label: Path) -> list[tuple[int, float, float, float, float]]
     return rows
 
 
-def subset(items: list[Any], fraction: float, seed: int, max_items: int | None = None) -> list[Any]:
-    """A seeded random subset (order kept): `fraction` of the items, at most `max_items`, at least one."""
-    keep = len(items)
-    if fraction < 1.0:
-        keep = max(1, round(len(items) * fraction))
-    if max_items:
-        keep = min(keep, max_items)
-    if keep >= len(items):
-        return list(items)
-    rng = random.Random(seed)
-    chosen = sorted(rng.sample(range(len(items)), keep))
-    return [items[i] for i in chosen]
-
-
 # --------------------------------------------------------------------------- shared: run folder
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (when installed)."""
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-
-
-def available_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
-def default_torch_threads() -> int:
-    """Torch CPU threads for a job that shares the machine: one core fewer than available (as Ultralytics does).
-
-    On this 2-core machine, 2 OpenMP threads next to any other busy process (a data
-    loader worker, another run) make every small op wait on a descheduled thread:
-    measured 10-30x slower than 1 thread. Leaving a core free avoids that.
-    """
-    return max(1, available_cores() - 1)
-
-
-class ThreadGovernor:
-    """Torch threads for a training loop: every core while the trainer has the machine to itself, one fewer
-    while other processes keep a core busy (2 OpenMP threads beside a busy process run 10-30x slower than 1).
-    Work started with `nice` does not count: run it niced beside a training run and the run keeps every core.
-
-    `fixed` (the user's --threads) turns it off. `step()` is called once per batch; every `every` batches it
-    compares the machine's busy CPU time with this process tree's own (psutil) and switches with hysteresis.
-    """
-
-    def __init__(self, fixed: int | None = None, every: int = 10, busy_above: float = 0.5, idle_below: float = 0.25):
-        import torch
-
-        self.cores = available_cores()
-        self.fixed, self.every, self.busy_above, self.idle_below = fixed, every, busy_above, idle_below
-        self.threads = fixed or self.cores
-        self.switches = 0
-        self._count = 0
-        self._last: tuple[float, float, float] | None = None
-        torch.set_num_threads(self.threads)
-
-    def _sample(self) -> tuple[float, float, float]:
-        import psutil
-
-        t = psutil.cpu_times()
-        # niced processes ("nice" time) are left out: they yield to the trainer, so they cannot stall its threads
-        busy = sum(getattr(t, k, 0.0) for k in ("user", "system", "irq", "softirq", "steal"))
-        own = 0.0
-        me = psutil.Process()
-        for proc in (me, *me.children(recursive=True)):
-            try:
-                c = proc.cpu_times()
-                own += c.user + c.system
-            except psutil.Error:  # a loader worker that just ended
-                pass
-        return time.monotonic(), busy, own
-
-    def others_busy(self) -> float | None:
-        """Cores used by other processes since the last call (None on the first)."""
-        now = self._sample()
-        last, self._last = self._last, now
-        if last is None or now[0] - last[0] <= 0:
-            return None
-        return max(0.0, (now[1] - last[1]) - (now[2] - last[2])) / (now[0] - last[0])
-
-    def step(self) -> int:
-        import torch
-
-        if self.fixed or self.cores < 2:
-            return self.threads
-        self._count += 1
-        if self._count % self.every:
-            return self.threads
-        others = self.others_busy()
-        if others is None:
-            return self.threads
-        want = self.cores - 1 if others > self.busy_above else self.cores if others < self.idle_below else self.threads
-        if want != self.threads:
-            self.threads = want
-            self.switches += 1
-            torch.set_num_threads(want)
-        return self.threads
-
-
-def git_commit() -> str:
-    """HEAD's sha, with ``+dirty`` when the working tree has changes; 'unknown' outside git."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def command_line(script: str, argv: list[str]) -> str:
-    return shlex.join(["python", script, *argv])
-
-
-def device_description(device: str) -> str:
-    """A short, human description of where training ran (for the model card)."""
-    if device.startswith("cuda") or device.isdigit() or "," in device:
-        try:
-            import torch
-
-            return f"{device} ({torch.cuda.get_device_name(0)})"
-        except Exception:  # noqa: BLE001 - best effort only
-            return device
-    cpu = ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"cpu ({cores} cores{', ' + cpu if cpu else ''})"
-
-
-def prepare_run_dir(project: Path, name: str, *, resume: bool, exist_ok: bool) -> Path:
-    """runs/<name>: must exist for --resume, must not hold a run otherwise (unless --exist-ok)."""
-    run_dir = (project / name).resolve()
-    if resume:
-        if not (run_dir / "args.json").is_file():
-            raise TrainError(f"nothing to resume: {run_dir} holds no run (no args.json)")
-        return run_dir
-    if (run_dir / "args.json").exists() and not exist_ok:
-        raise TrainError(f"{run_dir} already holds a run; pick another --name, --resume it, or pass --exist-ok to overwrite")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
-def write_run_files(run_dir: Path, script: str, argv: list[str], args: argparse.Namespace, info: DatasetInfo | None,
-                    extra: dict[str, Any], *, splits_sha256: str | None = None, splits_note: str | None = None,
-                    contract: Contract | None = None) -> dict[str, Any]:
-    """args.json, git_commit, splits_sha256, contract.json and run.json of a new run."""
-    params = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    (run_dir / "args.json").write_text(json.dumps({"command": command_line(script, argv), "argv": argv, "args": params},
-                                                  indent=2) + "\n")
-    commit = git_commit()
-    (run_dir / "git_commit").write_text(commit + "\n")
-    if info is not None:
-        splits_sha256 = info.splits_sha256
-        splits_note = "; ".join(info.notes) or None
-        contract = info.contract
-    (run_dir / "splits_sha256").write_text(f"{splits_sha256 or 'null'}\n" + (f"# {splits_note}\n" if splits_note else ""))
-    if contract is not None:
-        contract.save(run_dir / "contract.json")
-    run = {
-        "script": script,
-        "command": command_line(script, argv),
-        "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "git_commit": commit,
-        "dataset": None if info is None else {
-            "yaml": str(info.yaml_path), "root": str(info.root), "contract_source": info.contract_source,
-            "splits_csv": str(info.splits_csv) if info.splits_csv else None, "splits_sha256": info.splits_sha256,
-            "notes": info.notes,
-        },
-        "resumed": [],
-        **extra,
-    }
-    (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    return run
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise TrainError(f"cannot read {path}: {err}") from None
-
-
-def note_resume(run_dir: Path, script: str, argv: list[str]) -> dict[str, Any]:
-    """Record a --resume invocation in run.json; returns the run record."""
-    run = read_json(run_dir / "run.json")
-    run.setdefault("resumed", []).append({"command": command_line(script, argv), "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                                          "git_commit": git_commit()})
-    (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
-    return run
-
-
-def read_train_log(run_dir: Path) -> list[dict[str, str]]:
-    path = run_dir / "train_log.csv"
-    if not path.is_file():
-        return []
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def log_epoch(run_dir: Path, row: dict[str, Any]) -> None:
-    """Add (or replace, after a resume) one epoch's row of train_log.csv."""
-    rows = [r for r in read_train_log(run_dir) if str(r.get("epoch")) != str(row["epoch"])]
-    rows.append({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    rows.sort(key=lambda r: int(r["epoch"]))
-    fields = list(dict.fromkeys(k for r in rows for k in r))
-    tmp = run_dir / "train_log.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, run_dir / "train_log.csv")
-
-
-def training_summary(run_dir: Path, run: dict[str, Any], seed: int, device: str) -> dict[str, Any]:
-    """The card's `training` block from the run's files."""
-    rows = read_train_log(run_dir)
-    seconds = [float(r["seconds"]) for r in rows if r.get("seconds")]
-    return {
-        "command": run["command"],
-        "resumed_with": [r["command"] for r in run.get("resumed", [])],
-        "epochs": len(rows),
-        "wall_time_s": round(sum(seconds), 1),
-        "seconds_per_epoch": round(sum(seconds) / len(seconds), 2) if seconds else None,
-        "git_commit": git_commit(),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "device": device_description(device),
-        "seed": seed,
-    }
-
-
-def base_card(*, name: str, backend: str, architecture: str, imgsz: int, contract: Contract, started_from: str,
-              training: dict[str, Any], dataset_yaml: str | None, splits_sha256: str | None, **extra: Any) -> dict[str, Any]:
-    """The model card written beside the best weights; evaluate.py --write-card adds thresholds and metrics."""
-    return {
-        "name": name,
-        "backend": backend,
-        "architecture": architecture,
-        "classes": list(CLASSES),
-        "imgsz": int(imgsz),
-        "contract": contract.to_dict(),
-        "started_from": started_from,
-        "training": training,
-        "dataset": {"yaml": dataset_yaml, "splits_sha256": splits_sha256},
-        **extra,
-        "disclaimer": DISCLAIMER,
-    }
-
-
-def write_card(weights: Path, card: dict[str, Any]) -> Path:
-    """Write `card` where inference.load_model_card looks for it, keeping any metrics already there."""
-    path = card_path_for(weights)
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}
-        for key in ("thresholds", "metrics", "evaluation", "validation", "test"):
-            if key in old and key not in card:
-                card[key] = old[key]
-    path.write_text(json.dumps(card, indent=2) + "\n")
-    return path
-
-
-def absolute(path: Path | str | None) -> Path | None:
-    """An absolute path (symlinks kept), or None."""
-    return None if path is None else Path(os.path.abspath(path))
-
-
-def evaluate_after_training(weights: Path, data: Path, threads: int) -> int:
-    """Run ``evaluate.py --weights W --data D --write-card`` with the training's CPU threads; the report and its
-    plots go into the run folder (``runs/<name>/evaluate/``), beside the weights they describe."""
-    report = weights.parent.parent / "evaluate" / f"{weights.stem}_test.json"
-    args = ["--weights", weights, "--data", data, "--write-card", "--threads", str(threads), "--out", report]
-    shown = shlex.join(["python", "evaluate.py", *(display_path(a) if isinstance(a, Path) else a for a in args)])
-    print(f"evaluating: {shown}")
-    done = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *map(str, args)], cwd=ROOT)
-    if done.returncode:
-        print(f"warning: evaluate.py exited with {done.returncode}; the card has no metrics yet. Re-run:\n  {shown}", file=sys.stderr)
-    return done.returncode
-
-
-def restore_run_args(args: argparse.Namespace, saved: dict[str, Any], argv: list[str], changeable: set[str]) -> None:
-    """On --resume: the run's saved settings, except `changeable` ones given again on this command line.
-
-    Per-invocation options (resume, project, name, stop_after) always keep this invocation's values.
-    """
-    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    for key, value in saved.items():
-        if key in {"resume", "project", "name", "stop_after"} or (key in changeable and key in given):
-            continue
-        setattr(args, key, Path(value) if isinstance(getattr(args, key, None), Path) and value else value)
-
-
-def lr_at(iteration: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up from 1% then cosine down to 1% of `base`."""
-    import math
-
-    if iteration < warmup:
-        return base * (0.01 + 0.99 * iteration / max(1, warmup))
-    progress = (iteration - warmup) / max(1, total - warmup)
-    return base * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
-
-
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic torch.save of a plain dict (tensors + JSON values): an interrupted write never leaves a broken file."""
-    import torch
-
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- YOLO specifics
-
-
-def online(host: str = "github.com", port: int = 443, timeout: float = 3.0) -> bool:
-    """Whether a download could work: a short TCP probe, so nothing below can hang on a dead network.
-
-    ``BONE_R_OFFLINE=1`` says no without trying (tests, air-gapped machines).
-    """
-    if os.environ.get("BONE_R_OFFLINE", "") not in ("", "0"):
-        return False
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def scratch_yaml_for(name: str) -> str:
@@ -728,21 +318,6 @@ def _check_args(args: argparse.Namespace) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must lie in (0, 1]")
     if args.stop_after is not None and args.stop_after < 1:
         raise TrainError("--stop-after must be >= 1")
-
-
-def run_cli(run: Callable[[argparse.Namespace, list[str]], int], parser: argparse.ArgumentParser,
-            argv: list[str] | None) -> int:
-    """The trainers' shared main(): a TrainError is one line on stderr (exit 2), Ctrl-C says how to resume."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
-    try:
-        return run(args, argv)
-    except TrainError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; continue later with --resume --name <run>", file=sys.stderr)
-        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

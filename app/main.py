@@ -53,6 +53,20 @@ from starlette.types import Scope
 import inference
 from app import places
 from app.schemas import DetectResponse, ErrorResponse, HealthResponse
+from bone_r import DISCLAIMER
+from bone_r.detection import Prediction
+from bone_r.draw import encode_png, overlay_for
+from bone_r.image import (
+    DEFAULT_MAX_MEMORY,
+    DEFAULT_MAX_PIXELS,
+    OVERLAY_BYTES_PER_PIXEL,
+    ImageDecodeError,
+    ImageMeta,
+    LoadedImage,
+    load_image,
+)
+from bone_r.modes import MODES
+from bone_r.runs import sha256_file
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("boner.service")
@@ -70,8 +84,8 @@ class Settings(BaseSettings):
     backend: str | None = Field(None, description="detector backend; default: from the model card or file type")
     device: str = "cpu"
     max_upload_mb: float = Field(32.0, gt=0, description="largest accepted upload, in MB (10^6 bytes)")
-    max_pixels: int = Field(inference.DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused before decoding")
-    max_image_memory_mb: float = Field(inference.DEFAULT_MAX_MEMORY / 1e6, gt=0, description=(
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused before decoding")
+    max_image_memory_mb: float = Field(DEFAULT_MAX_MEMORY / 1e6, gt=0, description=(
         "memory one image's decode (and overlay) may need, estimated from its header before decoding; more gets 413"))
     max_buffered_mb: float = Field(256.0, gt=0, description=(
         "upload bytes held at once by requests still arriving, waiting or being analysed; past it, 503"))
@@ -205,7 +219,7 @@ def _return_freed_buffers_to_the_os() -> None:
 
 
 def _warm_up(predictor: inference.Predictor) -> None:
-    blank = inference.LoadedImage(np.zeros((256, 256), np.uint8), inference.ImageMeta("png", 8, 256, 256, 1))
+    blank = LoadedImage(np.zeros((256, 256), np.uint8), ImageMeta("png", 8, 256, 256, 1))
     predictor.predict_loaded(blank, "warm-up")
 
 
@@ -221,7 +235,7 @@ def card_summary(predictor: inference.Predictor) -> dict[str, Any]:
         "name": str(card["name"]) if card.get("name") is not None else None,
         "classes": [str(c) for c in classes],
         "imgsz": int(imgsz) if imgsz is not None else None,
-        "thresholds": {m: dict(zip(("threshold", "source"), predictor.threshold(m))) for m in inference.MODES},
+        "thresholds": {m: dict(zip(("threshold", "source"), predictor.threshold(m))) for m in MODES},
         "contract": predictor.contract.to_dict(),
     }
 
@@ -238,7 +252,7 @@ def _load_predictors(settings: Settings, state: ServiceState, injected: inferenc
                 _warm_up(predictor)
     first = copies[0]
     if first.weights is not None and Path(first.weights).is_file():
-        state.weights_info = {"name": Path(first.weights).name, "sha256_prefix": inference.sha256_file(first.weights)[:12]}
+        state.weights_info = {"name": Path(first.weights).name, "sha256_prefix": sha256_file(first.weights)[:12]}
     if settings.backend:
         state.backend = settings.backend
     elif first.weights is not None and injected is None:
@@ -284,7 +298,7 @@ def create_app(settings: Settings | None = None, predictor: inference.Predictor 
         title="Bone-R",
         version="0.1.0",
         summary="Find and localize fractures on plain radiographs (research tool, not a diagnosis).",
-        description=inference.DISCLAIMER,
+        description=DISCLAIMER,
         lifespan=lifespan,
         docs_url="/api/docs",
         redoc_url=None,
@@ -372,7 +386,7 @@ DETECT_BODY = {
 # --------------------------------------------------------------------------- analysis (worker thread)
 
 
-def consult_for(prediction: inference.Prediction) -> dict[str, str]:
+def consult_for(prediction: Prediction) -> dict[str, str]:
     """A careful next step derived from the finding and the best-guess severity; never a diagnosis."""
     flagged = [d for d in prediction.detections if d.score >= prediction.threshold]
     if not flagged:
@@ -399,7 +413,7 @@ class Outcome:
     upload, and the decoder's arrays) alive in a reference cycle until the next full garbage collection.
     """
 
-    prediction: inference.Prediction | None = None
+    prediction: Prediction | None = None
     png: bytes | None = None
     error: tuple[int, str, str] | None = None  # status, error word, message
 
@@ -417,10 +431,10 @@ def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: f
         t0 = time.perf_counter()
         settings = state.settings
         try:
-            loaded = inference.load_image(data, max_pixels=settings.max_pixels,
+            loaded = load_image(data, max_pixels=settings.max_pixels,
                                           max_memory=int(settings.max_image_memory_mb * 1e6),
-                                          extra_bytes_per_pixel=inference.OVERLAY_BYTES_PER_PIXEL if overlay else 0)
-        except inference.ImageDecodeError as err:
+                                          extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if overlay else 0)
+        except ImageDecodeError as err:
             status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
             return Outcome(error=(status, word, str(err)))
         except Exception as err:  # noqa: BLE001 - any decoder failure is about this input, never a 500
@@ -433,7 +447,7 @@ def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: f
         png = None
         if overlay and not cancelled.is_set():
             t1 = time.perf_counter()
-            png = inference.encode_png(inference.overlay_for(prediction, loaded))
+            png = encode_png(overlay_for(prediction, loaded))
             prediction.timings_ms["overlay_ms"] = (time.perf_counter() - t1) * 1e3
         return Outcome(prediction, png)
     except Exception as err:  # noqa: BLE001 - a decoder or model failure is about this request, never the service's end
@@ -574,12 +588,12 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "weights": state.weights_info,
             "model_card": state.card_summary if state.ready else None,
             "clinics_lookup_enabled": bool(settings.api_key),
-            "modes": list(inference.MODES),
+            "modes": list(MODES),
             "limits": {"max_upload_mb": settings.max_upload_mb, "max_pixels": settings.max_pixels,
                        "max_image_memory_mb": settings.max_image_memory_mb, "max_buffered_mb": settings.max_buffered_mb,
                        "max_concurrency": settings.max_concurrency, "queue_limit": settings.queue_limit,
                        "upload_timeout_s": settings.upload_timeout_s, "analysis_timeout_s": settings.analysis_timeout_s},
-            "disclaimer": inference.DISCLAIMER,
+            "disclaimer": DISCLAIMER,
         }
 
     @app.post(
@@ -593,7 +607,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "Boxes are in the original image's pixels. `mode` picks the operating threshold from the model card; "
             "`conf` overrides it. With `overlay=true` the annotated image comes back as base64 PNG in "
             "`overlay_png_base64`. With `lat`/`lng`, a configured Maps key and a finding, `nearby_clinics` lists up to "
-            "5 orthopedic clinics. " + inference.DISCLAIMER
+            "5 orthopedic clinics. " + DISCLAIMER
         ),
         openapi_extra={"requestBody": DETECT_BODY},
     )
@@ -676,7 +690,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "fracture_detected": prediction.fracture_detected,
             "detections": [d.to_dict() for d in prediction.detections],
             "consult": consult_for(prediction),
-            "disclaimer": inference.DISCLAIMER,
+            "disclaimer": DISCLAIMER,
             "nearby_clinics": clinics,
             "model": {"backend": state.backend, "detector": state.info.name,
                       "weights": state.weights_info["name"] if state.weights_info else None},
@@ -697,7 +711,7 @@ def _call_soon(loop: asyncio.AbstractEventLoop, fn: Any) -> None:
         pass
 
 
-async def _clinics(settings: Settings, prediction: inference.Prediction, lat: float | None, lng: float | None) -> dict[str, Any]:
+async def _clinics(settings: Settings, prediction: Prediction, lat: float | None, lng: float | None) -> dict[str, Any]:
     if not prediction.fracture_detected:
         return places.unavailable("nothing was detected, so no clinics lookup was made")
     if not settings.api_key:

@@ -1,7 +1,14 @@
 """Bone-R's library: the logic every script uses, once. Imports nothing else of the project.
 
-Modules so far: `draw` (boxes, labels, legend and disclaimer band on a radiograph),
-`site` (the docs site's data files and their bundle for pages opened from disk).
+Modules: `image` (decode, DICOM), `contract` (harmonize, the long-side resize, box scaling), `detection`
+(Detection, Prediction, records), `card` (the typed model card, its one writer and resolver), `modes` (operating
+modes), `dataset` (labels, splits.csv, ground truth), `metrics`, `report` (report text, tables and plots), `draw`,
+`site`, `runs` (run folders, seeds, threads, hashes), `fusion`, `synthetic` (phantoms for tests and demos).
 
 Research and teaching tool, not a diagnosis.
 """
+
+DISCLAIMER = (
+    "Bone-R is a research and teaching tool, not a medical device and not a diagnosis. "
+    "A clinician must read every radiograph."
+)

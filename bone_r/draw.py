@@ -29,6 +29,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from bone_r.contract import display_image
+
 # One palette for every overlay (Okabe-Ito, colour-blind safe), RGB.
 PALETTE = [(230, 159, 0), (86, 180, 233), (0, 158, 115), (240, 228, 66), (0, 114, 178), (213, 94, 0), (204, 121, 167)]
 TRUTH_COLOR = (255, 255, 255)  # ground truth: white dashes on a black outline, visible on bone and on background
@@ -339,3 +341,20 @@ def _band(msg: str, w: int, text: _Text, fscale: float) -> np.ndarray:
     band = np.full((band_h, w, 3), 40, np.uint8)
     cv2.putText(band, msg, (text.pad, (band_h + th) // 2 - 1), FONT, scale, (255, 255, 255), text.thick, cv2.LINE_AA)
     return band
+
+
+def encode_png(rgb: np.ndarray) -> bytes:
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise RuntimeError("PNG encoding failed")
+    return buf.tobytes()
+
+
+def render(loaded: Any, detections: Sequence[Any], **kw: Any) -> np.ndarray:
+    """The overlay of `detections` on a decoded image: `draw_overlay` on its display view."""
+    return draw_overlay(display_image(loaded.pixels), detections, **kw)
+
+
+def overlay_for(prediction: Any, loaded: Any, **kw: Any) -> np.ndarray:
+    """The overlay of a `Prediction` on the image it was made from."""
+    return render(loaded, prediction.detections, **kw)

@@ -1,6 +1,6 @@
 """The docs site's data folder: its JSON files, written atomically, and bundle.js, their copy for pages opened from disk.
 
-Imports nothing else of the project. Research and teaching tool, not a diagnosis.
+Also the site's predictions.json format (`site_payload`) and the models' colours. Research and teaching tool, not a diagnosis.
 """
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ import json
 import os
 from pathlib import Path
 from typing import Any
+
+from bone_r import DISCLAIMER
+from bone_r.draw import PALETTE
 
 # The JSON files the site reads (docs/data/); bundle.js carries a copy of each one present.
 SITE_FILES = ("cases.json", "predictions.json", "benchmark.json", "report.json")
@@ -53,3 +56,35 @@ def refresh_bundle(written: Path) -> None:
     """After writing a site JSON file: refresh bundle.js when `written` lives in a site data folder (one with a bundle.js)."""
     if written.name in SITE_FILES and (written.parent / "bundle.js").is_file():
         write_bundle(written.parent)
+
+
+SITE_DATA = Path(__file__).resolve().parent.parent / "docs" / "data"  # the site's data folder in this repository
+PREDICTIONS_FORMAT = "bone-r-predictions/1"
+
+
+def hex_color(rgb: tuple[int, int, int]) -> str:
+    return "#{:02x}{:02x}{:02x}".format(*rgb)
+
+
+def model_colors(names: list[str]) -> dict[str, tuple[int, int, int]]:
+    """One palette colour per model, in the order given (the PNG and the site agree)."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
+
+
+# --------------------------------------------------------------------------- the site's format
+
+
+def site_payload(models: list[dict[str, Any]], images: list[dict[str, Any]], *, generator: str, synthetic: bool,
+                 notes: list[str] | None = None) -> dict[str, Any]:
+    """predictions.json: `models` [{name, color, threshold, threshold_source, mode, description}],
+    `images` [{id, src, width, height, caption, ground_truth?, detections [Detection.to_dict()]}]."""
+    return {
+        "format": PREDICTIONS_FORMAT,
+        "generated": now_stamp(),
+        "generator": generator,
+        "synthetic": synthetic,
+        "disclaimer": DISCLAIMER,
+        "notes": list(notes or []),
+        "models": models,
+        "images": images,
+    }

@@ -1,7 +1,7 @@
 """Detector interface and registry.
 
-Every backend turns a harmonized RGB image (`inference.harmonize`) into
-`inference.Detection`s whose boxes are in that image's pixels; the shared
+Every backend turns a harmonized RGB image (`bone_r.contract.harmonize`) into
+`Detection`s whose boxes are in that image's pixels; the shared
 `inference.Predictor` maps them back to original pixels. Backends load lazily,
 so importing this package imports no deep-learning library.
 """
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import numpy as np
 
-    from inference import Detection
+    from bone_r.detection import Detection
 
 
 @runtime_checkable

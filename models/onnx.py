@@ -42,7 +42,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inference import Detection
+from bone_r.detection import Detection
 
 MAX_WH = 7680  # Ultralytics' per-class offset for class-aware NMS
 MAX_NMS = 30000

@@ -9,7 +9,7 @@ the network before the weights are loaded.
 
 ``predict`` takes a harmonized RGB image, brings its long side to the training
 size with area interpolation (as the training data loader did), runs the model
-and returns `inference.Detection`s in the given image's pixels.
+and returns `Detection`s in the given image's pixels.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from inference import Detection
+from bone_r.detection import Detection
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
 ARCHS = ("fasterrcnn", "retinanet", "fcos")

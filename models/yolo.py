@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference import Detection
+from bone_r.detection import Detection
 
 
 class YoloDetector:

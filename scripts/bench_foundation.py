@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -45,8 +43,7 @@ def throughput(args) -> dict:
     import cv2
     from tqdm import tqdm
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from phantoms import make_phantom
+    from bone_r.synthetic import make_phantom
     from scripts import preprocess
 
     h, w = (int(v) for v in args.size.lower().split("x"))
@@ -88,9 +85,9 @@ def peak_mb():
     for line in open('/proc/self/status'):
         if line.startswith('VmHWM:'):
             return int(line.split()[1]) / 1024
-sys.path.insert(0, sys.argv[2])
 import numpy as np, cv2
-from inference import load_image, harmonize, DEFAULT_MAX_PIXELS
+from bone_r.image import load_image, DEFAULT_MAX_PIXELS
+from bone_r.contract import harmonize
 data = open(sys.argv[1], 'rb').read()
 base = peak_mb()
 t0 = time.perf_counter()
@@ -128,7 +125,7 @@ def memory(args) -> dict:
         path = tmp / f"big{ext}"
         cv2.imwrite(str(path), arr)
         del arr
-        out = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(ROOT)], capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True, text=True, check=True)
         result = json.loads(out.stdout)
         result["megapixels"] = side * side / 1e6
         print(json.dumps(result, indent=2))

@@ -26,11 +26,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from scripts.ingest_yolo import is_inside
 
-from scripts.ingest_yolo import is_inside  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPTS = {"fracatlas": "fracatlas_to_yolo.py", "yolo": "ingest_yolo.py", "mura": "mura_to_yolo.py"}
 ENTRY_KEYS = {"ingest", "classes", "region", "region_by_class", "group", "empty", "args", "skip"}

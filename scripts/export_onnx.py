@@ -41,11 +41,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bone_r import DISCLAIMER
+from bone_r.card import card_path_for, load_model_card
+from bone_r.contract import Contract
+from bone_r.runs import display_path, set_threads, sha256_file
 
-from inference import DISCLAIMER, Contract, card_path_for, display_path, load_model_card, set_threads, sha256_file  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 TORCHVISION_OPSET = 17
 FP16_MIN_ELEMENTS = 1024  # --store-fp16 leaves smaller tensors (biases, norms, anchors) in float32: they weigh nothing
@@ -327,7 +328,7 @@ def match_detections(reference: list, candidate: list, conf: float, *, iou_min: 
     """
     import numpy as np
 
-    from evaluate import box_iou
+    from bone_r.metrics import box_iou
 
     ref = [d for d in reference if d.score >= conf]
     cand = [d for d in candidate if d.score >= conf]
@@ -388,7 +389,8 @@ def _bench_worker(conn, kind: str, weights: str, threads: int, conf: float) -> N
             model.predict(path, imgsz=imgsz, conf=conf, device="cpu", verbose=False)
             return {"end_to_end": (time.perf_counter() - t0) * 1e3}
     else:
-        from inference import Predictor, load_image
+        from bone_r.image import load_image
+        from inference import Predictor
 
         predictor = Predictor(weights)
 

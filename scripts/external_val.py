@@ -22,9 +22,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from bone_r import DISCLAIMER
+from bone_r.dataset import EvaluationError, ground_truth_from_folder
+from bone_r.detection import load_records
+from bone_r.metrics import evaluate_records, predict_split
+from bone_r.modes import normalize_operating_points
+from bone_r.report import format_report, load_thresholds_file, save_plots, write_report
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -55,7 +60,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import evaluate
     import inference
 
     args = get_args_parser().parse_args(argv)
@@ -68,43 +72,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the report must not be written into the input folder {args.images}", file=sys.stderr)
         return 2
     try:
-        gt = evaluate.ground_truth_from_folder(args.images, args.labels, all_positive=args.all_positive,
+        gt = ground_truth_from_folder(args.images, args.labels, all_positive=args.all_positive,
                                                all_negative=args.all_negative, source=args.source, region=args.region)
         predictor = None
         if args.weights:
             try:
                 predictor = inference.Predictor(args.weights, args.backend, args.device)
             except (FileNotFoundError, ValueError) as err:
-                raise evaluate.EvaluationError(str(err)) from None
+                raise EvaluationError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
-                raise evaluate.EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
+                raise EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
         if args.thresholds:
-            ops = evaluate.load_thresholds_file(args.thresholds)
+            ops = load_thresholds_file(args.thresholds)
         elif predictor is not None and (predictor.card or {}).get("thresholds"):
-            ops = evaluate.normalize_operating_points(predictor.card["thresholds"], "model_card")
+            ops = normalize_operating_points(predictor.card["thresholds"], "model_card")
         else:
-            raise evaluate.EvaluationError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
+            raise EvaluationError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
                                            "validation split first, or pass --thresholds CARD.json (never chosen on external data)")
         bases: list[Path] = []
         if predictor is not None:
-            records = evaluate.predict_split(predictor, gt, progress=not args.quiet)
+            records = predict_split(predictor, gt, progress=not args.quiet)
         else:
-            records = evaluate.load_records(args.predictions)
+            records = load_records(args.predictions)
             bases.append(args.predictions.resolve().parent)
-        report = evaluate.evaluate_records(records, gt, ops, allow_missing=args.allow_missing, record_bases=bases,
+        report = evaluate_records(records, gt, ops, allow_missing=args.allow_missing, record_bases=bases,
                                            n_boot=args.n_boot, seed=args.seed, iou=args.iou)
-    except evaluate.EvaluationError as err:
+    except EvaluationError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report["external"] = {"images": str(args.images), "source": args.source, "region": args.region,
                           "truth": "all-positive" if args.all_positive else "all-negative" if args.all_negative else "labels",
                           "thresholds": "given" if args.thresholds else "model_card"}
     report["model"] = {"weights": str(args.weights), "backend": predictor.name} if predictor else {"predictions": str(args.predictions)}
-    evaluate.write_report(report, out)
-    print(evaluate.format_report(report))
-    plots = [] if args.no_plots else evaluate.save_plots(report, args.plots or out.parent, out.stem)
+    write_report(report, out)
+    print(format_report(report))
+    plots = [] if args.no_plots else save_plots(report, args.plots or out.parent, out.stem)
     print(f"report: {out}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
-    print(inference.DISCLAIMER)
+    print(DISCLAIMER)
     return 0
 
 

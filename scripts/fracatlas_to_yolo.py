@@ -30,11 +30,8 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.ingest_yolo import (  # noqa: E402
+from bone_r.image import load_image
+from scripts.ingest_yolo import (
     IngestError,
     clip_xyxy,
     link_original,
@@ -43,6 +40,8 @@ from scripts.ingest_yolo import (  # noqa: E402
     write_manifest,
     xyxy_to_yolo,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 REGION_FLAGS = ["hand", "leg", "hip", "shoulder", "mixed"]
 SUFFIXES = {".jpg", ".jpeg", ".png"}
@@ -89,11 +88,10 @@ def display_to_stored(box: tuple[float, float, float, float], orientation: int) 
 
 
 def decoded_frame(path: Path) -> str:
-    """'stored' or 'display': which frame `inference.load_image` gives for an EXIF-rotated file."""
+    """'stored' or 'display': which frame `load_image` gives for an EXIF-rotated file."""
     import numpy as np
     from PIL import Image, ImageOps
 
-    from inference import load_image
 
     pixels = load_image(path).pixels.astype(np.float32)
     with Image.open(path) as im:

@@ -20,11 +20,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from scripts.service_harness import RADIOGRAPH_SIZES, LocalServer, add_server_args, percentile, radiograph_pngs
 
-from scripts.service_harness import RADIOGRAPH_SIZES, LocalServer, add_server_args, percentile, radiograph_pngs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -26,7 +26,7 @@ Selection rule (seeded; the same data, seed and model give the same cases):
 4. Shown (case-01, case-02, ...) fractures first, then the rest, each in the order drawn.
 
 Boxes are kept down to the screening threshold. Each box records its best-overlapping
-true box (IoU >= `evaluate.DEFAULT_LOC_IOU`, the report's localization rule); each true
+true box (IoU >= `DEFAULT_LOC_IOU`, the report's localization rule); each true
 box the best score that found it; each image its decision in every mode (flagged or not,
 TP/FP/TN/FN, boxes hit and false). Boxes are in the original radiograph's pixels; the
 JPEG is a display copy (long side <= `--max-side`, all together <= `--budget-mb`: the
@@ -50,12 +50,18 @@ from typing import Any
 import cv2
 import numpy as np
 
-import evaluate
 import inference
-from bone_r import site
-from inference import Detection
+from bone_r import DISCLAIMER, site
+from bone_r.card import card_path_for
+from bone_r.contract import to_uint8
+from bone_r.dataset import EvaluationError, GroundTruth, GTImage, load_ground_truth
+from bone_r.detection import Detection
+from bone_r.draw import PALETTE
+from bone_r.image import ImageDecodeError, LoadedImage, load_image
+from bone_r.metrics import DEFAULT_LOC_IOU, box_iou
+from bone_r.modes import MODES
+from bone_r.runs import ROOT, display_path, sha256_file
 
-ROOT = inference.ROOT
 CASES_FORMAT = "bone-r-cases/1"
 LICENCE_URL = "https://creativecommons.org/licenses/by/4.0/"
 # The sources whose images may be shown (and committed): CC BY 4.0, credited as their README asks.
@@ -94,7 +100,7 @@ class CasesError(ValueError):
 class Case:
     """One candidate radiograph: its ground truth, original file and, once predicted, the model's boxes."""
 
-    gt: evaluate.GTImage
+    gt: GTImage
     original: Path
     original_rel: str
     order: str  # the seeded sort key
@@ -133,7 +139,7 @@ def read_originals(data_yaml: Path) -> dict[str, str]:
     return {r["path"]: r.get("original", "") for r in rows}
 
 
-def build_pool(gt: evaluate.GroundTruth, originals: dict[str, str], originals_root: Path, seed: int) -> tuple[list[Case], list[str]]:
+def build_pool(gt: GroundTruth, originals: dict[str, str], originals_root: Path, seed: int) -> tuple[list[Case], list[str]]:
     """The candidates (rule 1), in seeded order, and notes on what was left out."""
     by_group: dict[str, Case] = {}
     left_out: dict[str, int] = {}
@@ -189,7 +195,7 @@ def judge(case: Case, thresholds: dict[str, float], iou_min: float) -> dict[str,
     thresholds = {mode: round(t, 6) for mode, t in thresholds.items()}
     truth = case.truth
     det_boxes = np.array([d.xyxy for d in dets], dtype=np.float64).reshape(-1, 4)
-    ious = evaluate.box_iou(det_boxes, truth) if len(dets) and len(truth) else np.zeros((len(dets), len(truth)))
+    ious = box_iou(det_boxes, truth) if len(dets) and len(truth) else np.zeros((len(dets), len(truth)))
     matches = []
     for i in range(len(dets)):
         j = int(np.argmax(ious[i])) if truth.size else -1
@@ -252,9 +258,9 @@ def choose(pool: Sequence[Case], n: int, predict: Callable[[Case], None], balanc
 # --------------------------------------------------------------------------- images
 
 
-def display_copy(loaded: inference.LoadedImage, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
+def display_copy(loaded: LoadedImage, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
     """An 8-bit grayscale JPEG of the radiograph, long side <= max_side (never enlarged)."""
-    gray = inference.to_uint8(loaded.pixels)
+    gray = to_uint8(loaded.pixels)
     h, w = gray.shape
     if max(h, w) > max_side:
         scale = max_side / max(h, w)
@@ -270,7 +276,7 @@ def file_name(case: Case) -> str:
     return f"case-{case.gt.source}-{stem}.jpg"
 
 
-def fit_budget(loaded: list[inference.LoadedImage], max_side: int, budget: int) -> tuple[list[tuple[bytes, tuple[int, int]]], int, int]:
+def fit_budget(loaded: list[LoadedImage], max_side: int, budget: int) -> tuple[list[tuple[bytes, tuple[int, int]]], int, int]:
     """The JPEGs at the best quality (then size) whose total fits `budget` bytes: (copies, quality, max side)."""
     side = max_side
     while True:
@@ -350,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return _run(args)
-    except (CasesError, evaluate.EvaluationError, FileNotFoundError) as err:
+    except (CasesError, EvaluationError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -369,18 +375,18 @@ def _run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     predictor = inference.Predictor(args.weights, args.backend, args.device)
-    thresholds = {mode: predictor.threshold(mode)[0] for mode in inference.MODES}
-    gt = evaluate.load_ground_truth(args.data, args.split)
+    thresholds = {mode: predictor.threshold(mode)[0] for mode in MODES}
+    gt = load_ground_truth(args.data, args.split)
     pool, notes = build_pool(gt, read_originals(args.data), args.originals, args.seed)
     if not pool:
         raise CasesError(f"no image of split {args.split} qualifies: {'; '.join(notes) or 'the split is empty'}")
     progress = tqdm(total=args.n, desc="predict cases", unit="img")
-    loaded: dict[int, inference.LoadedImage] = {}
+    loaded: dict[int, LoadedImage] = {}
 
     def predict(case: Case) -> None:
         try:
-            image = inference.load_image(case.original)
-        except inference.ImageDecodeError as err:
+            image = load_image(case.original)
+        except ImageDecodeError as err:
             raise CasesError(f"{case.original}: {err}") from None
         pred = predictor.predict_loaded(image, str(case.original), "balanced", min_score=thresholds["screening"])
         case.detections, case.size = pred.detections, image.meta.size
@@ -400,33 +406,33 @@ def _run(args: argparse.Namespace) -> int:
         name = file_name(case)
         (out / name).write_bytes(jpeg)
         names.append(name)
-        judged = judge(case, thresholds, evaluate.DEFAULT_LOC_IOU)
+        judged = judge(case, thresholds, DEFAULT_LOC_IOU)
         entries.append(case_entry(case, i, name, display, len(jpeg), judged, model_name))
     for stale in out.glob("case-*.jpg"):
         if stale.name not in names:
             stale.unlink()
     weights = predictor.weights
     summary = {mode: {k: sum(e["decisions"][mode]["outcome"] == k for e in entries) for k in ("TP", "FN", "FP", "TN")}
-               for mode in inference.MODES}
+               for mode in MODES}
     sources_used = sorted({c.gt.source for c in cases})
     payload = {
         "format": CASES_FORMAT,
         "generated": site.now_stamp(),
         "generator": "python -m scripts.make_site_cases",
         "synthetic": False,
-        "disclaimer": inference.DISCLAIMER,
+        "disclaimer": DISCLAIMER,
         "model": {
             "name": model_name,
-            "weights": inference.display_path(weights) if weights else "injected",
-            "sha256": inference.sha256_file(weights) if weights and weights.is_file() else None,
-            "card_sha256": inference.sha256_file(card) if weights and (card := inference.card_path_for(weights)).is_file() else None,
-            "color": "#{:02x}{:02x}{:02x}".format(*inference.PALETTE[0]),
+            "weights": display_path(weights) if weights else "injected",
+            "sha256": sha256_file(weights) if weights and weights.is_file() else None,
+            "card_sha256": sha256_file(card) if weights and (card := card_path_for(weights)).is_file() else None,
+            "color": "#{:02x}{:02x}{:02x}".format(*PALETTE[0]),
         },
         "modes": {mode: {"threshold": round(t, 6), "source": predictor.threshold(mode)[1]} for mode, t in thresholds.items()},
         "default_mode": "balanced",
         "min_score": round(thresholds["screening"], 6),
-        "iou": evaluate.DEFAULT_LOC_IOU,
-        "data": {"yaml": inference.display_path(args.data), "split": args.split, "splits_sha256": gt.splits_sha256,
+        "iou": DEFAULT_LOC_IOU,
+        "data": {"yaml": display_path(args.data), "split": args.split, "splits_sha256": gt.splits_sha256,
                  "pool": len(pool), "strata": len(strata_order(pool))},
         "selection": {"rule": selection_rule(args), "seed": args.seed, "n": len(cases), "extra_predictions": extra,
                       "notes": notes},
@@ -453,7 +459,7 @@ def _run(args: argparse.Namespace) -> int:
           f"FN {bal['FN']}, FP {bal['FP']}, TN {bal['TN']}; JPEG q{quality}, long side <= {side} px, "
           f"{payload['images_total_bytes'] / 1e6:.2f} MB")
     print(f"wrote {cases_json}, {len(names)} case-*.jpg, cases-credits.txt and {bundle.name} in {out}")
-    print(inference.DISCLAIMER)
+    print(DISCLAIMER)
     return 0
 
 

@@ -51,11 +51,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from scripts.ingest_yolo import IMAGE_SUFFIXES, IngestError, is_inside, prepare_output, tqdm_bar
 
-from scripts.ingest_yolo import IMAGE_SUFFIXES, IngestError, is_inside, prepare_output, tqdm_bar  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SPLITS = ("train", "val", "test")
 SPLIT_FIELDS = ["path", "split", "source", "region", "group", "label", "sha256", "regions", "boxes", "weak", "source_group", "original"]
@@ -227,7 +225,7 @@ DEFAULT_NEAR_DUP = 0.96
 
 def fingerprint(data: bytes) -> np.ndarray:
     """A unit vector from a THUMB x THUMB thumbnail (mean removed): near-identical images give cosine ~1."""
-    from inference import load_image
+    from bone_r.image import load_image
 
     gray = load_image(data).pixels.astype(np.float32)
     thumb = cv2.resize(gray, (THUMB, THUMB), interpolation=cv2.INTER_AREA).ravel()
@@ -535,7 +533,7 @@ def make_splits(args: argparse.Namespace) -> dict:
         it.sha256 = hashlib.sha256(data).hexdigest()
         try:
             prints.append(fingerprint(data) if args.near_dup_threshold > 0 else None)
-        except ValueError as err:  # inference.ImageDecodeError
+        except ValueError as err:  # ImageDecodeError
             raise SplitError(f"{it.image}: cannot be decoded: {err}") from None
     items, conflicts = resolve_label_conflicts(items, args.label_conflicts)
     near_pairs = []

@@ -29,11 +29,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from scripts.ingest_yolo import (  # noqa: E402
+from scripts.ingest_yolo import (
     IMAGE_SUFFIXES,
     MANIFEST_FIELDS,
     IngestError,
@@ -42,6 +38,8 @@ from scripts.ingest_yolo import (  # noqa: E402
     tqdm_bar,
     write_manifest,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 STUDY_RE = re.compile(r"^(study\d+)_(positive|negative)$", re.IGNORECASE)
 REGION_RE = re.compile(r"^XR_([A-Z]+)$", re.IGNORECASE)

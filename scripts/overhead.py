@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+from bone_r.contract import harmonize
+from bone_r.image import load_image
+from scripts.service_harness import LocalServer, add_server_args, percentile, radiograph_pngs
 
-from scripts.service_harness import LocalServer, add_server_args, percentile, radiograph_pngs  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -48,7 +48,7 @@ def measure(args, url: str, images: list[bytes]) -> tuple[list[float], list[floa
 
     os.environ.setdefault("YOLO_OFFLINE", "1")
     predictor = inference.Predictor(args.weights, args.backend, args.device)
-    harmonized = [inference.harmonize(inference.load_image(d).pixels, predictor.contract) for d in images]
+    harmonized = [harmonize(load_image(d).pixels, predictor.contract) for d in images]
     threshold, _ = predictor.threshold(args.mode)
     detect_ms, predict_ms, model_ms = [], [], []
     stages: dict[str, list[float]] = {}  # server- and in-process stage timings, for the breakdown

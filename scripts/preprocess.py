@@ -4,7 +4,7 @@
 
 Every image under INPUT (recognized by content: PNG, JPEG, TIFF, BMP, DICOM)
 becomes ``OUTPUT/<same folder>/<stem>.png``: the 8-bit single-channel image that
-`inference.harmonize` gives a model (its RGB has three equal channels, so one is
+`harmonize` gives a model (its RGB has three equal channels, so one is
 stored). Every other file (YOLO ``.txt`` labels, ``.csv``/``.yaml``/``.json``
 sidecars) is copied verbatim, so labels stay beside their images. OUTPUT gets
 ``contract.json`` and ``preprocess_manifest.csv`` (source, output, sha256 of
@@ -27,13 +27,12 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cv2
+
+from bone_r.contract import Contract, harmonize
+from bone_r.image import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sniff_format
+
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import cv2  # noqa: E402
-
-from inference import DEFAULT_MAX_PIXELS, Contract, ImageDecodeError, harmonize, load_image, sniff_format  # noqa: E402
 
 MANIFEST = "preprocess_manifest.csv"
 CONTRACT = "contract.json"

@@ -20,8 +20,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 # (height, width) of common CR/DX detector formats
 RADIOGRAPH_SIZES = [(2140, 1760), (2500, 2048), (1760, 1760), (2048, 1536)]
@@ -35,7 +33,7 @@ def free_port() -> int:
 
 def radiograph_pngs(count: int = 4, seed: int = 0) -> list[bytes]:
     """`count` 16-bit PNG phantoms of real detector sizes (5 to 8 MB each)."""
-    from tests.phantoms import encode, make_phantom
+    from bone_r.synthetic import encode, make_phantom
 
     images = []
     for i in range(count):

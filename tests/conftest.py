@@ -20,7 +20,7 @@ def torch_threads():
     threads beside another busy process make every op wait (10-30x slower)."""
     import torch
 
-    from train import default_torch_threads
+    from bone_r.runs import default_torch_threads
 
     before = torch.get_num_threads()
     torch.set_num_threads(default_torch_threads())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from inference import Detection
+from bone_r.detection import Detection
 
 
 class FakeDetector:

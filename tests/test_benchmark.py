@@ -11,6 +11,9 @@ from test_evaluate import write_oracle, write_tree
 
 import benchmark as bm
 import inference
+from bone_r.contract import Contract
+from bone_r.image import DEFAULT_MAX_PIXELS
+from bone_r.runs import display_path
 from fakes import write_fake_model
 
 SCHEMA = Path(__file__).resolve().parents[1] / "docs" / "data" / "benchmark.schema.json"
@@ -77,18 +80,18 @@ def test_schema_checker_catches_problems():
 
 
 def test_parse_model_spec():
-    assert bm.parse_model_spec("a=weights/x.pt") == bm.ModelSpec("a", Path("weights/x.pt"), None)
-    assert bm.parse_model_spec("b=/m/x.bin:fake") == bm.ModelSpec("b", Path("/m/x.bin"), "fake")
-    assert bm.parse_model_spec("/m/best.pt") == bm.ModelSpec("best", Path("/m/best.pt"), None)
-    assert bm.parse_model_spec("c=/m/odd:name.pt").backend is None  # a colon that names no backend stays in the path
-    with pytest.raises(bm.BenchmarkError):
-        bm.parse_model_spec("=x.pt")
+    assert inference.parse_model_spec("a=weights/x.pt") == inference.ModelSpec("a", Path("weights/x.pt"), None)
+    assert inference.parse_model_spec("b=/m/x.bin:fake") == inference.ModelSpec("b", Path("/m/x.bin"), "fake")
+    assert inference.parse_model_spec("/m/best.pt") == inference.ModelSpec("best", Path("/m/best.pt"), None)
+    assert inference.parse_model_spec("c=/m/odd:name.pt").backend is None  # a colon that names no backend stays in the path
+    with pytest.raises(inference.ModelSpecError):
+        inference.parse_model_spec("=x.pt")
 
 
 def test_benchmark_accuracy_two_models(tmp_path, capsys, oracle_backend):
     root = tmp_path / "ds"
     phantoms = write_tree(root)
-    oracle = write_oracle(tmp_path / "o", root, phantoms, inference.Contract(), {"backend": "oracle"})  # no thresholds: chosen on val
+    oracle = write_oracle(tmp_path / "o", root, phantoms, Contract(), {"backend": "oracle"})  # no thresholds: chosen on val
     # the shared fake backend: one box (in the image centre) with score 0.5 on every image, thresholds frozen in its card
     fake = write_fake_model(tmp_path / "f", [[0.5, 0.5, 0.2, 0.2, 0.5]], thresholds={"balanced": 0.3, "screening": 0.1})
     yml = tmp_path / "models.yaml"
@@ -130,7 +133,7 @@ def test_speed_mode_with_fake_backend(tmp_path, capsys):
 class TimedPredictor:
     """Stands in for inference.Predictor in time_pipeline: reports known stage timings, model_ms 7, 3, 10, 1, ... in turn."""
 
-    max_pixels = inference.DEFAULT_MAX_PIXELS
+    max_pixels = DEFAULT_MAX_PIXELS
     MODEL_MS = [7.0, 3.0, 10.0, 1.0, 9.0, 2.0, 8.0, 4.0, 6.0, 5.0]
 
     def __init__(self):
@@ -185,7 +188,7 @@ def test_speed_mode_plain_ultralytics_baseline(tmp_path):
     YOLO(str(tmp_path / "tiny.yaml"), task="detect").save(str(tmp_path / "tiny.pt"))  # untrained, no download
     (tmp_path / "tiny.json").write_text(json.dumps({"backend": "yolo", "imgsz": 128}))
     images = bm.write_phantoms(tmp_path / "img", 2, 96, 120)
-    payload = bm.speed([bm.ModelSpec("pt", tmp_path / "tiny.pt")], images, warmup=1, threads=1)
+    payload = bm.speed([inference.ModelSpec("pt", tmp_path / "tiny.pt")], images, warmup=1, threads=1)
     row = payload["models"][0]
     assert row["backend"] == "yolo:tiny"
     assert row["plain_ultralytics_ms"]["imgsz"] == 128 and row["plain_ultralytics_ms"]["end_to_end"]["median"] > 0
@@ -197,7 +200,7 @@ def test_benchmark_from_cards_uses_evaluates_numbers_and_checks_the_dataset(tmp_
 
     root = tmp_path / "ds"
     phantoms = write_tree(root)
-    oracle = write_oracle(tmp_path / "o", root, phantoms, inference.Contract(), {"backend": "oracle"})
+    oracle = write_oracle(tmp_path / "o", root, phantoms, Contract(), {"backend": "oracle"})
     out = tmp_path / "bench.json"
     args = ["--data", str(root / "dataset.yaml"), "--models", f"oracle={oracle}", "--out", str(out), "--quiet", "--from-cards"]
     assert bm.main(args) == 2  # no metrics in the card yet
@@ -215,7 +218,7 @@ def test_benchmark_from_cards_uses_evaluates_numbers_and_checks_the_dataset(tmp_
     # ms/image from a speed run of the same weights file; a speed run of other weights is an error
     stage = {"median": 12.5, "p90": 14.0}
     speed = {"commit": "abc", "machine": {"threads": 2}, "images": {"n": 4, "sizes_wh": [[200, 250]]},
-             "models": [{"name": "x", "weights": inference.display_path(oracle), "stages_ms": {"end_to_end": stage, "n": 4}}]}
+             "models": [{"name": "x", "weights": display_path(oracle), "stages_ms": {"end_to_end": stage, "n": 4}}]}
     (tmp_path / "speed.json").write_text(json.dumps(speed))
     assert bm.main([*args, "--speed-json", str(tmp_path / "speed.json")]) == 0
     ms = json.loads(out.read_text())["models"][0]["ms_per_image"]

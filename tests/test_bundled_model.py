@@ -15,10 +15,12 @@ import cv2
 import pytest
 
 import inference
-from phantoms import make_dicom, make_phantom
+from bone_r.contract import Contract
+from bone_r.modes import MODES
+from bone_r.runs import ROOT
+from bone_r.synthetic import make_dicom, make_phantom
 from scripts import write_model_card
 
-ROOT = inference.ROOT
 ONNX = ROOT / "weights" / "bone-r-default.onnx"
 CARD = ROOT / "weights" / "bone-r-default.json"
 
@@ -33,19 +35,19 @@ def test_default_weights_is_the_bundled_onnx(card):
     assert inference.default_weights() == ONNX
     predictor = inference.Predictor()
     assert predictor.weights == ONNX and predictor.detector.format == "torchvision"
-    assert predictor.contract == inference.Contract.from_dict(card["contract"])
+    assert predictor.contract == Contract.from_dict(card["contract"])
 
 
 def test_card_is_complete_and_honest(card):
     assert card["classes"] == ["fracture"] and card["backend"] == "onnx"
-    assert set(card["thresholds"]) == set(inference.MODES)
+    assert set(card["thresholds"]) == set(MODES)
     taus = [card["thresholds"][m]["threshold"] for m in ("screening", "balanced", "specific")]
     assert taus == sorted(taus)  # screening flags the most, specific the least
     metrics = card["metrics"]
     assert metrics["split"] == "test" and metrics["val_split"] == "val"
     assert metrics["splits_sha256"] == card["dataset"]["splits_sha256"]
     assert metrics["by_source"] and metrics["by_region"]
-    for mode in inference.MODES:
+    for mode in MODES:
         level = metrics["image_level"][mode]
         assert level["threshold"] == pytest.approx(card["thresholds"][mode]["threshold"])
         assert level["tp"] + level["fn"] == metrics["n_positive"]
@@ -111,7 +113,7 @@ def test_bundled_model_finds_the_fractures_it_is_shown_finding_on_real_radiograp
     clear negative (top score < balanced - 0.2) stays clean.
     The margin is wide because the copies are re-encoded (JPEG q85): that alone moved a top score by 0.13 (0.48 -> <0.36)
     on one small FracAtlas image (JOURNAL 2026-11-29)."""
-    from evaluate import box_iou
+    from bone_r.metrics import box_iou
 
     cases = json.loads((ROOT / "docs" / "data" / "cases.json").read_text())
     balanced = card["thresholds"]["balanced"]["threshold"]

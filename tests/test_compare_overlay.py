@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 import compare_overlay
-import inference
+from bone_r import site
+from bone_r.draw import PALETTE
+from bone_r.report import write_report
+from bone_r.runs import ROOT
+from bone_r.synthetic import encode, make_dicom, make_phantom
 from fakes import write_fake_model
-from phantoms import encode, make_dicom, make_phantom
 
-ROOT = inference.ROOT
-ORANGE, BLUE, GREEN = inference.PALETTE[0], inference.PALETTE[1], inference.PALETTE[2]
+ORANGE, BLUE, GREEN = PALETTE[0], PALETTE[1], PALETTE[2]
 
 
 def count(rgb, color, tol=25):
@@ -106,19 +108,17 @@ def test_bad_input_is_one_line(setup, capsys, argv_tail, message):
 
 
 def test_writing_site_json_refreshes_the_bundle(tmp_path):
-    """evaluate.write_report into a site data folder keeps bundle.js (the file:// copy) current."""
+    """write_report into a site data folder keeps bundle.js (the file:// copy) current."""
     import json
 
-    import compare_overlay
-    import evaluate
 
-    compare_overlay.write_site_bundle(tmp_path)
-    evaluate.write_report({"split": "test", "box": {"map50": 0.5}, "_records": []}, tmp_path / "report.json")
+    site.write_bundle(tmp_path)
+    write_report({"split": "test", "box": {"map50": 0.5}, "_records": []}, tmp_path / "report.json")
     bundle = (tmp_path / "bundle.js").read_text()
     payload = json.loads(bundle.split("window.BONER_SITE_DATA = ", 1)[1].rstrip().rstrip(";"))
     assert payload["files"]["report.json"]["box"]["map50"] == 0.5
     other = tmp_path / "elsewhere"
-    evaluate.write_report({"split": "test"}, other / "report.json")
+    write_report({"split": "test"}, other / "report.json")
     assert not (other / "bundle.js").exists()  # only the site's data folder has a bundle
 
 

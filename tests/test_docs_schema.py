@@ -11,8 +11,13 @@ import jsonschema
 import numpy as np
 import pytest
 
-import compare_overlay
-import evaluate
+from bone_r.card import card_path_for, load_model_card
+from bone_r.dataset import GroundTruth, GTImage
+from bone_r.detection import ImagePrediction
+from bone_r.metrics import box_iou, evaluate_predictions
+from bone_r.modes import resolve_threshold
+from bone_r.runs import sha256_file
+from bone_r.site import site_payload
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "docs" / "data"
@@ -87,13 +92,13 @@ def test_the_cases_show_the_bundled_model_with_its_errors():
 
     payload = cases()
     weights = inference.default_weights()
-    assert payload["model"]["sha256"] == inference.sha256_file(weights), (
+    assert payload["model"]["sha256"] == sha256_file(weights), (
         f"docs/data/cases.json was made with another model than {weights.name}: rerun {REGENERATE}")
-    assert payload["model"]["card_sha256"] == inference.sha256_file(inference.card_path_for(weights)), (
+    assert payload["model"]["card_sha256"] == sha256_file(card_path_for(weights)), (
         f"the model card changed (thresholds, box rule) since docs/data/cases.json was made: rerun {REGENERATE}")
-    card = inference.load_model_card(weights)
+    card = load_model_card(weights)
     for mode in payload["modes"]:
-        assert payload["modes"][mode]["threshold"] == pytest.approx(inference.resolve_threshold(mode, card)[0], abs=1e-6)
+        assert payload["modes"][mode]["threshold"] == pytest.approx(resolve_threshold(mode, card)[0], abs=1e-6)
     assert {im["source"] for im in payload["images"]} <= CASE_SOURCES
     assert len({(im["source"], im["region"], im["label"]) for im in payload["images"]}) >= 8
     bal = payload["summary"]["balanced"]
@@ -142,7 +147,7 @@ def test_demo_generator_is_deterministic_and_valid(tmp_path):
     assert fractured["ground_truth"] and all("(synthetic)" in m["name"] for m in pred["models"])
     truth = np.array(fractured["ground_truth"][0]["xyxy"])
     best = max(fractured["detections"], key=lambda d: d["score"])
-    assert evaluate.box_iou(np.array(best["xyxy"]), truth)[0, 0] > 0.7
+    assert box_iou(np.array(best["xyxy"]), truth)[0, 0] > 0.7
 
 
 def test_demo_generator_keeps_real_output(tmp_path, capsys):
@@ -158,22 +163,22 @@ def test_demo_generator_keeps_real_output(tmp_path, capsys):
 
 
 def test_an_evaluate_report_is_what_the_site_reads():
-    """evaluate.evaluate_predictions' output (the report evaluate.py --out writes) passes report.schema.json."""
+    """evaluate_predictions' output (the report evaluate.py --out writes) passes report.schema.json."""
     rng = np.random.default_rng(0)
     images = []
     for i in range(12):
         boxes = np.array([[10, 10, 40, 30]], float) if i % 2 == 0 else np.zeros((0, 4))
-        images.append(evaluate.GTImage(Path(f"/x/{i}.png"), f"{i}.png", 100, 80, boxes, int(i % 2 == 0), ["a", "b"][i % 3 % 2],
+        images.append(GTImage(Path(f"/x/{i}.png"), f"{i}.png", 100, 80, boxes, int(i % 2 == 0), ["a", "b"][i % 3 % 2],
                                        ["hand", "hip", "leg"][i % 3], str(i)))
-    gt = evaluate.GroundTruth(images, "test", "d.yaml")
-    preds = [evaluate.ImagePrediction(np.array([[12, 11, 41, 31]], float), np.array([rng.uniform(0.3, 1.0) if i % 2 == 0 else rng.uniform(0, 0.6)]))
+    gt = GroundTruth(images, "test", "d.yaml")
+    preds = [ImagePrediction(np.array([[12, 11, 41, 31]], float), np.array([rng.uniform(0.3, 1.0) if i % 2 == 0 else rng.uniform(0, 0.6)]))
              for i in range(12)]
-    report = evaluate.evaluate_predictions(gt, preds, {"balanced": 0.5, "screening": 0.2, "specific": 0.8}, n_boot=20)
+    report = evaluate_predictions(gt, preds, {"balanced": 0.5, "screening": 0.2, "specific": 0.8}, n_boot=20)
     assert errors("report.schema.json", json.loads(json.dumps(report))) == []
 
 
 def test_compare_overlay_output_matches_the_schema():
-    payload = compare_overlay.site_payload(
+    payload = site_payload(
         [{"name": "m", "color": "#e69f00", "threshold": 0.3, "threshold_source": "model_card", "mode": "balanced", "description": ""}],
         [{"id": "x", "src": "local-x.png", "width": 10, "height": 10, "caption": "x",
           "detections": [{"xyxy": [1, 1, 5, 5], "score": 0.5, "label": "fracture", "model": "m"}]}],

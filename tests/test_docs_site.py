@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from bone_r.modes import MODES
+
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "tests" / ".artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
@@ -257,7 +259,7 @@ def service(site):
     from fakes import FakeDetector
 
     boxes = [[0.5, 0.4, 0.3, 0.1, 0.9], [0.3, 0.7, 0.2, 0.1, 0.6], [0.7, 0.2, 0.1, 0.1, 0.2]]
-    card = {"name": "fake", "classes": ["fracture"], "thresholds": {m: {"threshold": 0.5} for m in inference.MODES}}
+    card = {"name": "fake", "classes": ["fracture"], "thresholds": {m: {"threshold": 0.5} for m in MODES}}
     predictor = inference.Predictor(detector=FakeDetector(None, boxes=boxes), card=card)
     app = create_app(Settings(docs_dir=site, warmup=False), predictor=predictor)
     port = _free_port()
@@ -276,7 +278,7 @@ def service(site):
 def test_upload_form_under_the_service_draws_the_returned_boxes(browser, service, tmp_path):
     import cv2
 
-    from phantoms import make_phantom
+    from bone_r.synthetic import make_phantom
 
     image = tmp_path / "upload.png"
     cv2.imwrite(str(image), make_phantom(300, 240, seed=2, bits=8).pixels)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bone_r import draw
-from inference import Detection
+from bone_r.detection import Detection
 
 GRAY = 90
 

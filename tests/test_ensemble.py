@@ -11,10 +11,22 @@ import pytest
 import yaml
 
 import ensemble
-import inference
-from ensemble import fuse_with_classifier, fused_score, weighted_boxes_fusion
-from inference import Detection
-from phantoms import write_dataset
+from bone_r.contract import harmonize
+from bone_r.detection import Detection
+from bone_r.fusion import (
+    EnsembleError,
+    ScoreLookup,
+    classifier_scores,
+    fuse_with_classifier,
+    fused_score,
+    load_classifier_scores,
+    run_fusion,
+    run_wbf,
+    wbf_records,
+    weighted_boxes_fusion,
+)
+from bone_r.image import load_image
+from bone_r.synthetic import write_dataset
 
 
 def det(box, score, model="m", label="fracture"):
@@ -178,7 +190,7 @@ def detector_b(items):
 
 def test_wbf_scored_by_evaluate_beats_each_detector(dataset):
     data, items = dataset
-    payload, fused = ensemble.run_wbf([("a", detector_a(items)), ("b", detector_b(items))], data, n_boot=50)
+    payload, fused = run_wbf([("a", detector_a(items)), ("b", detector_b(items))], data, n_boot=50)
     rows = {r["name"]: r for r in payload["rows"]}
     assert set(rows) == {"a", "b", "wbf(a+b)"}
     assert len(fused) == len(items)
@@ -195,7 +207,7 @@ def test_fusion_scored_by_evaluate(dataset):
     data, items = dataset
     det_records = detector_a(items)
     p = {str(path): (0.9 if ph.box else 0.1) for path, ph, _ in items}
-    payload, fused = ensemble.run_fusion("a", det_records, ensemble.ScoreLookup(p), data, alphas=[0, 0.25, 0.5, 0.75, 1],
+    payload, fused = run_fusion("a", det_records, ScoreLookup(p), data, alphas=[0, 0.25, 0.5, 0.75, 1],
                                          n_boot=50)
     rows = payload["rows"]
     single = rows[0]
@@ -220,33 +232,33 @@ def test_classifier_scores_see_the_harmonized_image(dataset):
         seen.append(rgb.shape)
         return float(rgb.mean() / 255.0)
 
-    scores = ensemble.classifier_scores(records, classifier, progress=False)
+    scores = classifier_scores(records, classifier, progress=False)
     for path, _, _ in items[:3]:
-        rgb = inference.harmonize(inference.load_image(path).pixels)
+        rgb = harmonize(load_image(path).pixels)
         assert scores[str(path)] == pytest.approx(rgb.mean() / 255.0)
     assert all(s[2] == 3 for s in seen)
-    with pytest.raises(ensemble.EnsembleError, match="outside"):
-        ensemble.classifier_scores(records, lambda rgb: 1.5, progress=False)
+    with pytest.raises(EnsembleError, match="outside"):
+        classifier_scores(records, lambda rgb: 1.5, progress=False)
 
 
 def test_wbf_records_missing_image(dataset):
     _, items = dataset
     a, b = detector_a(items), detector_b(items)[1:]
-    with pytest.raises(ensemble.EnsembleError, match="no prediction"):
-        ensemble.wbf_records([a, b])
-    fused, problems = ensemble.wbf_records([a, b], allow_missing=True)
+    with pytest.raises(EnsembleError, match="no prediction"):
+        wbf_records([a, b])
+    fused, problems = wbf_records([a, b], allow_missing=True)
     assert len(fused) == len(a) and len(problems) == 1
 
 
 def test_classifier_scores_file_formats(tmp_path):
     f = tmp_path / "s.json"
     f.write_text(json.dumps({"a/x.png": 0.2}))
-    assert ensemble.load_classifier_scores(f) == {"a/x.png": 0.2}
+    assert load_classifier_scores(f) == {"a/x.png": 0.2}
     f.write_text(json.dumps({"scores": [{"image": "x.png", "p_abnormal": 0.7}]}))
-    assert ensemble.ScoreLookup(ensemble.load_classifier_scores(f))({"image": "/elsewhere/x.png"}) == 0.7
+    assert ScoreLookup(load_classifier_scores(f))({"image": "/elsewhere/x.png"}) == 0.7
     f.write_text(json.dumps({"x.png": 1.7}))
-    with pytest.raises(ensemble.EnsembleError, match="outside"):
-        ensemble.load_classifier_scores(f)
+    with pytest.raises(EnsembleError, match="outside"):
+        load_classifier_scores(f)
 
 
 # --------------------------------------------------------------------------- the command line
@@ -276,7 +288,7 @@ def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
     on every image: weights 0, bias its logit. A loader that drops the saved weights answers something else."""
     import torch
 
-    from train import save_checkpoint
+    from bone_r.runs import save_checkpoint
     from train_mura_cls import CHECKPOINT_FORMAT, build_classifier
 
     torch.manual_seed(0)

@@ -20,25 +20,50 @@ import pytest
 
 import evaluate as ev
 import inference
-from inference import Detection
-from phantoms import write_dataset
+from bone_r.card import update_model_card
+from bone_r.contract import Contract, harmonize
+from bone_r.dataset import IDENTITY_CONTRACT, EvaluationError, GroundTruth, GTImage, load_ground_truth
+from bone_r.detection import BoxRule, Detection, ImagePrediction, match_predictions
+from bone_r.image import load_image
+from bone_r.metrics import (
+    BOX_RULE_MAX_P90,
+    bootstrap_counts,
+    box_iou,
+    box_metrics,
+    choose_box_rule,
+    confusion_metrics,
+    evaluate_predictions,
+    froc,
+    image_level,
+    image_scores,
+    localization_metrics,
+    predict_split,
+    roc_auc,
+    run_evaluation,
+    ultralytics_crosscheck,
+    wilson_interval,
+)
+from bone_r.modes import choose_operating_points, resolve_threshold
+from bone_r.report import _fmt, format_report
+from bone_r.runs import sha256_file
+from bone_r.synthetic import write_dataset
 
 # --------------------------------------------------------------------------- helpers (also used by the other test files)
 
 
-def make_gt(boxes_per_image, size=(100, 100), groups=None, sources=None, regions=None) -> ev.GroundTruth:
+def make_gt(boxes_per_image, size=(100, 100), groups=None, sources=None, regions=None) -> GroundTruth:
     images = []
     for i, boxes in enumerate(boxes_per_image):
         b = np.array(boxes, dtype=float).reshape(-1, 4)
         key = f"images/test/{i:03d}.png"
-        images.append(ev.GTImage(Path("/fixture") / key, key, size[0], size[1], b, int(len(b) > 0),
+        images.append(GTImage(Path("/fixture") / key, key, size[0], size[1], b, int(len(b) > 0),
                                  (sources or {}).get(i, "unknown"), (regions or {}).get(i, "unknown"),
                                  groups[i] if groups else key))
-    return ev.GroundTruth(images, "test", "fixture")
+    return GroundTruth(images, "test", "fixture")
 
 
-def pred(boxes=(), scores=()) -> ev.ImagePrediction:
-    return ev.ImagePrediction(np.array(boxes, dtype=float).reshape(-1, 4), np.array(scores, dtype=float))
+def pred(boxes=(), scores=()) -> ImagePrediction:
+    return ImagePrediction(np.array(boxes, dtype=float).reshape(-1, 4), np.array(scores, dtype=float))
 
 
 N_TREE = 18  # write_dataset: image i goes to split ("train", "val", "test")[i % 3], fractured iff i is even
@@ -63,7 +88,7 @@ def write_tree(root: Path, *, splits_csv: bool = True, contract: bool = False, y
                 w.writerow([rel, split, "alpha" if i < 9 else "beta", "hand" if i % 2 else "leg", f"g{i}",
                             int(ph.box is not None), hashlib.sha256((root / rel).read_bytes()).hexdigest(), 0])
     if contract:
-        inference.Contract().save(root / "contract.json")
+        Contract().save(root / "contract.json")
     return phantoms
 
 
@@ -110,12 +135,12 @@ class OracleDetector:
         return [Detection(tuple(r[:4]), r[4], "fracture", self.name) for r in rows if r[4] >= conf]
 
 
-def write_oracle(folder: Path, root: Path, phantoms, contract: inference.Contract | None, card: dict | None = None) -> Path:
+def write_oracle(folder: Path, root: Path, phantoms, contract: Contract | None, card: dict | None = None) -> Path:
     """Oracle weights answering HANDCRAFTED for the images as harmonized by `contract` (None = fed as stored)."""
     table = {}
     for i, dets in HANDCRAFTED.items():
-        gray = inference.load_image(image_path(root, i)).pixels
-        rgb = inference.harmonize(gray, contract or ev.IDENTITY_CONTRACT)
+        gray = load_image(image_path(root, i)).pixels
+        rgb = harmonize(gray, contract or IDENTITY_CONTRACT)
         table[rgb_key(rgb)] = [(list(phantoms[i].box) if box == "exact" else box) + [s] for box, s in dets]
     folder.mkdir(parents=True, exist_ok=True)
     weights = folder / "oracle.bin"
@@ -143,28 +168,28 @@ def tree(tmp_path):
 
 
 def test_box_iou_known_values():
-    iou = ev.box_iou([[0, 0, 10, 10]], [[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
+    iou = box_iou([[0, 0, 10, 10]], [[0, 0, 10, 10], [5, 0, 15, 10], [20, 20, 30, 30], [0, 0, 0, 0]])
     assert iou[0].tolist() == pytest.approx([1.0, 50 / 150, 0.0, 0.0])
 
 
 def test_box_metrics_perfect_predictions_score_one():
     gt = make_gt([[[10, 10, 50, 50]], [[20, 20, 60, 70], [70, 70, 90, 95]], []])
     preds = [pred([[10, 10, 50, 50]], [0.9]), pred([[20, 20, 60, 70], [70, 70, 90, 95]], [0.8, 0.7]), pred()]
-    m = ev.box_metrics(gt, preds)
+    m = box_metrics(gt, preds)
     assert (m["map50"], m["map50_95"], m["n_gt_boxes"]) == (1.0, 1.0, 3)
 
 
 def test_box_metrics_worst_predictions_score_zero():
     gt = make_gt([[[10, 10, 50, 50]], []])
     preds = [pred([[60, 60, 90, 90]], [0.9]), pred([[10, 10, 50, 50]], [0.8])]  # misses, plus a box on the negative
-    m = ev.box_metrics(gt, preds)
+    m = box_metrics(gt, preds)
     assert (m["map50"], m["map50_95"]) == (0.0, 0.0)
 
 
 def test_box_metrics_no_detections_and_no_boxes():
-    m = ev.box_metrics(make_gt([[[10, 10, 50, 50]], []]), [pred(), None])
+    m = box_metrics(make_gt([[[10, 10, 50, 50]], []]), [pred(), None])
     assert (m["map50"], m["map50_95"], m["n_detections"]) == (0.0, 0.0, 0)
-    m = ev.box_metrics(make_gt([[], []]), [pred([[1, 1, 5, 5]], [0.9]), pred()])  # all negatives: AP undefined
+    m = box_metrics(make_gt([[], []]), [pred([[1, 1, 5, 5]], [0.9]), pred()])  # all negatives: AP undefined
     assert m["map50"] is None and m["map50_95"] is None and "undefined" in m["note"]
 
 
@@ -173,7 +198,7 @@ def test_box_metrics_duplicate_detection_on_one_box():
     # interpolated: 1.0 for r <= 0.50 (51 points), 2/3 for r in 0.51..1.00 (50 points)
     gt = make_gt([[[10, 10, 50, 50]], [[20, 20, 60, 70]]])
     preds = [pred([[10, 10, 50, 50], [10, 10, 50, 50]], [0.9, 0.8]), pred([[20, 20, 60, 70]], [0.7])]
-    m = ev.box_metrics(gt, preds)
+    m = box_metrics(gt, preds)
     expected = (51 * 1.0 + 50 * 2 / 3) / 101
     assert m["map50"] == pytest.approx(expected, abs=1e-6)
     assert m["map50_95"] == pytest.approx(expected, abs=1e-6)
@@ -196,7 +221,7 @@ def test_box_metrics_agree_with_direct_pycocotools(tmp_path):
         fps = np.concatenate([fxy, fxy + rng.uniform(5, 40, (3, 2))], axis=1)
         preds.append(pred(np.vstack([jitter, fps]), rng.uniform(0.01, 1, n + 3)))
     gt = make_gt(gt_boxes, size=(200, 200))
-    ours = ev.box_metrics(gt, preds)
+    ours = box_metrics(gt, preds)
 
     # the reference: pycocotools with its default settings, from files
     ds = {"images": [{"id": i + 1, "width": 200, "height": 200} for i in range(12)], "categories": [{"id": 1, "name": "f"}],
@@ -224,7 +249,7 @@ def test_box_metrics_agree_with_direct_pycocotools(tmp_path):
 
 def test_image_level_hand_computed():
     # labels 1,1,1,0,0,0; scores .9 .5 0 .6 .1 0 at tau .5: TP 2 (0.5 counts: ties are positive), FN 1, FP 1, TN 2
-    r = ev.image_level([1, 1, 1, 0, 0, 0], [0.9, 0.5, 0.0, 0.6, 0.1, 0.0], 0.5, n_boot=0)
+    r = image_level([1, 1, 1, 0, 0, 0], [0.9, 0.5, 0.0, 0.6, 0.1, 0.0], 0.5, n_boot=0)
     assert (r["tp"], r["fn"], r["fp"], r["tn"]) == (2, 1, 1, 2)
     for k in ("sensitivity", "specificity", "ppv", "npv"):
         assert r[k]["value"] == pytest.approx(2 / 3, abs=1e-6)
@@ -232,35 +257,35 @@ def test_image_level_hand_computed():
 
 
 def test_image_level_score_zero_is_never_positive():
-    r = ev.image_level([1, 0], [0.0, 0.0], 0.0, n_boot=0)
+    r = image_level([1, 0], [0.0, 0.0], 0.0, n_boot=0)
     assert (r["tp"], r["fp"]) == (0, 0)
 
 
 def test_image_level_perfect_and_worst():
-    perfect = ev.image_level([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0], 0.5, n_boot=200)
+    perfect = image_level([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0], 0.5, n_boot=200)
     # 2 cases per rate: a value, but no interval (the bootstrap could only say [1, 1])
     assert all(perfect[k]["value"] == 1.0 and perfect[k]["ci"] is None and perfect[k]["note"] == "too few (n=2) for an interval"
                for k in ("sensitivity", "specificity", "ppv", "npv"))
-    worst = ev.image_level([1, 1, 0, 0], [0.1, 0.0, 0.9, 0.8], 0.5, n_boot=200)
+    worst = image_level([1, 1, 0, 0], [0.1, 0.0, 0.9, 0.8], 0.5, n_boot=200)
     assert all(worst[k]["value"] == 0.0 for k in ("sensitivity", "specificity", "ppv", "npv"))
 
 
 def test_image_level_undefined_metrics_are_null_not_errors():
-    r = ev.image_level([0, 0, 0], [0.9, 0.1, 0.0], 0.5, n_boot=100)  # all negatives
+    r = image_level([0, 0, 0], [0.9, 0.1, 0.0], 0.5, n_boot=100)  # all negatives
     assert r["sensitivity"]["value"] is None and r["sensitivity"]["ci"] is None and "no positive" in r["sensitivity"]["note"]
     assert r["npv"]["value"] == 1.0 and r["specificity"]["value"] == pytest.approx(2 / 3, abs=1e-6)
-    r = ev.image_level([1, 0], [0.1, 0.2], 0.5, n_boot=100)  # nothing predicted positive
+    r = image_level([1, 0], [0.1, 0.2], 0.5, n_boot=100)  # nothing predicted positive
     assert r["ppv"]["value"] is None and "predicted positive" in r["ppv"]["note"]
-    r = ev.image_level([], [], 0.5, n_boot=100)  # no images at all
+    r = image_level([], [], 0.5, n_boot=100)  # no images at all
     assert r["n_images"] == 0 and r["sensitivity"]["value"] is None
 
 
 def test_bootstrap_is_deterministic_under_seed():
     rng = np.random.default_rng(0)
     labels, scores = rng.integers(0, 2, 60), rng.uniform(0, 1, 60)
-    a = ev.image_level(labels, scores, 0.5, n_boot=300, seed=7)
-    b = ev.image_level(labels, scores, 0.5, n_boot=300, seed=7)
-    c = ev.image_level(labels, scores, 0.5, n_boot=300, seed=8)
+    a = image_level(labels, scores, 0.5, n_boot=300, seed=7)
+    b = image_level(labels, scores, 0.5, n_boot=300, seed=7)
+    c = image_level(labels, scores, 0.5, n_boot=300, seed=8)
     assert a == b
     assert a["sensitivity"]["ci"] != c["sensitivity"]["ci"] or a["specificity"]["ci"] != c["specificity"]["ci"]
 
@@ -270,20 +295,20 @@ def test_bootstrap_resamples_groups_not_images():
     labels = [1] * 40
     scores = [0.9] * 24 + [0.1] * 16
     groups = [i // 4 for i in range(40)]
-    clustered = ev.image_level(labels, scores, 0.5, groups=groups, n_boot=2000, seed=0)["sensitivity"]
-    independent = ev.image_level(labels, scores, 0.5, groups=None, n_boot=2000, seed=0)["sensitivity"]
+    clustered = image_level(labels, scores, 0.5, groups=groups, n_boot=2000, seed=0)["sensitivity"]
+    independent = image_level(labels, scores, 0.5, groups=None, n_boot=2000, seed=0)["sensitivity"]
     assert clustered["value"] == independent["value"] == 0.6
     assert clustered["ci_method"] == independent["ci_method"] == "group bootstrap"
     width = lambda e: e["ci"][1] - e["ci"][0]  # noqa: E731
     assert width(clustered) > width(independent) + 0.1
     # one group per image is the same as no groups
-    assert ev.image_level(labels, scores, 0.5, groups=[f"{i:02d}" for i in range(40)], n_boot=500)["sensitivity"] == \
-        ev.image_level(labels, scores, 0.5, n_boot=500)["sensitivity"]
+    assert image_level(labels, scores, 0.5, groups=[f"{i:02d}" for i in range(40)], n_boot=500)["sensitivity"] == \
+        image_level(labels, scores, 0.5, n_boot=500)["sensitivity"]
 
 
 def test_bootstrap_counts_draws_whole_groups():
     counts = np.array([[1, 0], [0, 3], [2, 2]])  # per group: two cells
-    sums = ev.bootstrap_counts(counts, 500, 0)
+    sums = bootstrap_counts(counts, 500, 0)
     assert sums.shape == (500, 2)
     # every resample is the sum of 3 whole rows drawn with replacement: only these 10 (cell 0, cell 1) pairs can occur
     import itertools
@@ -307,7 +332,7 @@ def crafted():
 
 def test_choose_operating_points_crafted_set():
     labels, scores = crafted()
-    ops = ev.choose_operating_points(labels, scores, 0.95, 0.95)
+    ops = choose_operating_points(labels, scores, 0.95, 0.95)
     # screening: every positive needed -> the largest tau keeping 0.3 in: 0.3 (negatives .85 .5 .4 above: spec 0.7)
     assert ops["screening"]["threshold"] == 0.3
     assert (ops["screening"]["val_sensitivity"], ops["screening"]["val_specificity"]) == (1.0, 0.7)
@@ -321,31 +346,31 @@ def test_choose_operating_points_crafted_set():
 
 def test_choose_operating_points_other_targets():
     labels, scores = crafted()
-    ops = ev.choose_operating_points(labels, scores, target_sensitivity=0.8, target_specificity=0.9)
+    ops = choose_operating_points(labels, scores, target_sensitivity=0.8, target_specificity=0.9)
     assert ops["screening"]["threshold"] == 0.6  # 4 of 5 positives: keep 0.6, drop 0.3
     assert ops["specific"]["threshold"] == 0.6  # one false positive (0.85) allowed: smallest tau above 0.5
 
 
 def test_choose_operating_points_thresholds_reproduce_val_numbers():
     labels, scores = crafted()
-    for op in ev.choose_operating_points(labels, scores).values():
-        r = ev.image_level(labels, scores, op["threshold"], n_boot=0)
+    for op in choose_operating_points(labels, scores).values():
+        r = image_level(labels, scores, op["threshold"], n_boot=0)
         assert r["sensitivity"]["value"] == op["val_sensitivity"]
         assert r["specificity"]["value"] == op["val_specificity"]
 
 
 def test_choose_operating_points_unreachable_and_bad_input():
     # one positive has no detection: sensitivity can never exceed 0.5
-    ops = ev.choose_operating_points([1, 1, 0], [0.5, 0.0, 0.2], 0.95, 0.95)
+    ops = choose_operating_points([1, 1, 0], [0.5, 0.0, 0.2], 0.95, 0.95)
     assert ops["screening"]["target_reached"] is False
     assert ops["screening"]["threshold"] == 0.5 and ops["screening"]["val_sensitivity"] == 0.5
     # the top score is a negative: only a tau above every score gives specificity 1
-    ops = ev.choose_operating_points([1, 0], [0.3, 0.7])
+    ops = choose_operating_points([1, 0], [0.3, 0.7])
     assert ops["specific"]["threshold"] > 0.7 and ops["specific"]["val_specificity"] == 1.0
     with pytest.raises(ValueError, match="positives and negatives"):
-        ev.choose_operating_points([1, 1], [0.5, 0.6])
+        choose_operating_points([1, 1], [0.5, 0.6])
     with pytest.raises(ValueError, match="no validation image has a detection"):
-        ev.choose_operating_points([1, 0], [0.0, 0.0])
+        choose_operating_points([1, 0], [0.0, 0.0])
 
 
 # --------------------------------------------------------------------------- localization and FROC
@@ -361,17 +386,17 @@ def loc_fixture():
 
 def test_localization_counts_only_boxes_on_the_fracture():
     gt, preds = loc_fixture()
-    loc = ev.localization_metrics(gt, preds, 0.5, iou=0.3, n_boot=0)
+    loc = localization_metrics(gt, preds, 0.5, iou=0.3, n_boot=0)
     assert (loc["found"], loc["mislocalized"], loc["missed"], loc["n_positive"]) == (1, 1, 1, 2)
     assert loc["sensitivity"]["value"] == 0.5
-    assert ev.image_level(gt.labels, ev.image_scores(preds), 0.5, n_boot=0)["sensitivity"]["value"] == 1.0
+    assert image_level(gt.labels, image_scores(preds), 0.5, n_boot=0)["sensitivity"]["value"] == 1.0
     # with a looser IoU requirement the 0.81 box still counts, with a stricter one it does not
-    assert ev.localization_metrics(gt, preds, 0.5, iou=0.85, n_boot=0)["found"] == 0
+    assert localization_metrics(gt, preds, 0.5, iou=0.85, n_boot=0)["found"] == 0
 
 
 def test_froc_points():
     gt, preds = loc_fixture()
-    pts = {p["threshold"]: p for p in ev.froc(gt, preds, iou=0.3, thresholds=[0.5, 0.85, 0.95])}
+    pts = {p["threshold"]: p for p in froc(gt, preds, iou=0.3, thresholds=[0.5, 0.85, 0.95])}
     assert (pts[0.5]["sensitivity"], pts[0.5]["fp_per_image"]) == (0.5, pytest.approx(2 / 3, abs=1e-6))
     assert (pts[0.85]["sensitivity"], pts[0.85]["fp_per_image"]) == (0.0, pytest.approx(1 / 3, abs=1e-6))
     assert (pts[0.95]["sensitivity"], pts[0.95]["fp_per_image"]) == (0.0, 0.0)
@@ -379,9 +404,9 @@ def test_froc_points():
 
 
 def test_roc_auc_with_ties():
-    assert ev.roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0]) == 1.0
-    assert ev.roc_auc([1, 0], [0.5, 0.5]) == 0.5
-    assert ev.roc_auc([0, 0], [0.5, 0.1]) is None
+    assert roc_auc([1, 1, 0, 0], [0.9, 0.8, 0.1, 0.0]) == 1.0
+    assert roc_auc([1, 0], [0.5, 0.5]) == 0.5
+    assert roc_auc([0, 0], [0.5, 0.1]) is None
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -389,9 +414,9 @@ def test_roc_auc_with_ties():
 
 def test_load_ground_truth_phantom_tree(tree):
     root, phantoms = tree
-    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    gt = load_ground_truth(root / "dataset.yaml", "test")
     assert [Path(im.key).name for im in gt.images] == [f"ph{i:03d}.png" for i in TEST]
-    assert gt.n_positive == 3 and gt.splits_sha256 == inference.sha256_file(root / "splits.csv")
+    assert gt.n_positive == 3 and gt.splits_sha256 == sha256_file(root / "splits.csv")
     for im, i in zip(gt.images, TEST):
         assert (im.width, im.height) == (200, 256)
         if phantoms[i].box is None:
@@ -405,13 +430,13 @@ def test_load_ground_truth_phantom_tree(tree):
 def test_load_ground_truth_without_splits_csv_and_path_key(tmp_path):
     root = tmp_path / "ds"
     write_tree(root, splits_csv=False, yaml_path=None)
-    gt = ev.load_ground_truth(root / "dataset.yaml", "val")
+    gt = load_ground_truth(root / "dataset.yaml", "val")
     assert len(gt) == 6 and {im.source for im in gt.images} == {"unknown"}
     assert gt.groups == [im.key for im in gt.images]
     assert any("no splits.csv" in n for n in gt.notes)
     # a yaml elsewhere with a relative path: relative to the yaml's folder
     (tmp_path / "other.yaml").write_text("path: ds\nval: images/val\ntest: images/test\nnames: {0: fracture}\n")
-    assert len(ev.load_ground_truth(tmp_path / "other.yaml", "test")) == 6
+    assert len(load_ground_truth(tmp_path / "other.yaml", "test")) == 6
 
 
 def test_load_ground_truth_weak_positive_and_bad_input(tree):
@@ -424,23 +449,23 @@ def test_load_ground_truth_weak_positive_and_bad_input(tree):
         w = csv.DictWriter(fh, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    gt = load_ground_truth(root / "dataset.yaml", "test")
     weak = next(im for im in gt.images if im.key.endswith("ph011.png"))
     assert weak.label == 1 and weak.boxes_known is False and gt.n_positive == 4
-    assert ev.box_metrics(gt, [None] * len(gt))["n_images"] == 5  # left out of box metrics
+    assert box_metrics(gt, [None] * len(gt))["n_images"] == 5  # left out of box metrics
     (root / "labels" / "test" / "ph005.txt").write_text("0 0.5 0.5\n")
-    with pytest.raises(ev.EvaluationError, match="ph005.txt:1"):
-        ev.load_ground_truth(root / "dataset.yaml", "test")
-    with pytest.raises(ev.EvaluationError, match="not found"):
-        ev.load_ground_truth(root / "missing.yaml", "test")
+    with pytest.raises(EvaluationError, match="ph005.txt:1"):
+        load_ground_truth(root / "dataset.yaml", "test")
+    with pytest.raises(EvaluationError, match="not found"):
+        load_ground_truth(root / "missing.yaml", "test")
 
 
 def test_splits_csv_listing_an_image_under_another_split_is_an_error(tree):
     root, _ = tree
     text = (root / "splits.csv").read_text().replace("images/test/ph002.png,test", "images/test/ph002.png,train")
     (root / "splits.csv").write_text(text)
-    with pytest.raises(ev.EvaluationError, match="another split"):
-        ev.load_ground_truth(root / "dataset.yaml", "test")
+    with pytest.raises(EvaluationError, match="another split"):
+        load_ground_truth(root / "dataset.yaml", "test")
 
 
 # --------------------------------------------------------------------------- matching predictions
@@ -451,7 +476,7 @@ def test_match_predictions_paths_relative_foreign_and_collisions(tree):
     # the same file name in val and test must never be confused
     cv2.imwrite(str(root / "images" / "val" / "ph002.png"), cv2.imread(str(image_path(root, 2)), cv2.IMREAD_UNCHANGED))
     (root / "labels" / "val" / "ph002.txt").write_text("")
-    gt = ev.load_ground_truth(root / "dataset.yaml", "test")
+    gt = load_ground_truth(root / "dataset.yaml", "test")
     recs = [
         {"image": "images/test/ph002.png", "detections": []},  # relative to the dataset root
         {"image": "/another/machine/ds/images/test/ph005.png", "detections": []},  # made elsewhere
@@ -461,7 +486,7 @@ def test_match_predictions_paths_relative_foreign_and_collisions(tree):
         {"image": str(image_path(root, 14)), "detections": []},
         {"image": str(image_path(root, 14)), "detections": []},  # duplicate
     ]
-    preds, rest, errors = ev.match_predictions(recs, gt)
+    preds, rest, errors = match_predictions(recs, gt)
     keys = [im.key for im in gt.images]
     assert preds[keys.index("images/test/ph002.png")] is not None
     assert preds[keys.index("images/test/ph005.png")] is not None
@@ -597,22 +622,22 @@ def test_val_and_test_on_the_same_images_is_a_clear_error(tree, tmp_path, capsys
 
 def test_update_model_card_preserves_other_keys(tmp_path):
     labels, scores = crafted()
-    ops = ev.choose_operating_points(labels, scores)
+    ops = choose_operating_points(labels, scores)
     gt = make_gt([[[10, 10, 50, 50]], []], groups=["p1", "p2"], sources={0: "a", 1: "b"})
-    report = ev.evaluate_predictions(gt, [pred([[10, 10, 50, 50]], [0.95]), pred()], ops, n_boot=100)
+    report = evaluate_predictions(gt, [pred([[10, 10, 50, 50]], [0.95]), pred()], ops, n_boot=100)
     card_path = tmp_path / "w" / "model.json"
     card_path.parent.mkdir()
-    original = {"name": "model", "backend": "yolo", "imgsz": 640, "contract": inference.Contract().to_dict(),
+    original = {"name": "model", "backend": "yolo", "imgsz": 640, "contract": Contract().to_dict(),
                 "training": {"epochs": 3, "data": "x.yaml"}, "thresholds": {"balanced": {"threshold": 0.01}}}
     card_path.write_text(json.dumps(original))
-    ev.update_model_card(card_path, report, report)
+    update_model_card(card_path, report, report)
     card = json.loads(card_path.read_text())
     for key in ("name", "backend", "imgsz", "contract", "training"):
         assert card[key] == original[key]
     assert card["thresholds"]["balanced"] == {"threshold": 0.6, "val_sensitivity": 0.8, "val_specificity": 0.9,
                                               "target_reached": True, "chosen_on": "val"}
     assert card["thresholds"]["screening"]["target"] == 0.95
-    assert inference.resolve_threshold("specific", card) == (0.9, "model_card")
+    assert resolve_threshold("specific", card) == (0.9, "model_card")
     m = card["metrics"]
     assert m["box"]["map50"] == 1.0 and m["n_images"] == 2 and m["split"] == "test"
     assert m["image_level"]["balanced"]["sensitivity"]["value"] == 1.0
@@ -626,7 +651,7 @@ def test_update_model_card_preserves_other_keys(tmp_path):
 def test_cli_weights_matches_predictions_and_writes_card(tree, tmp_path, capsys, oracle_backend):
     root, phantoms = tree
     card = {"name": "oracle", "backend": "oracle", "training": {"epochs": 1}}
-    weights = write_oracle(tmp_path / "w", root, phantoms, inference.Contract(), card)  # no contract.json: harmonized
+    weights = write_oracle(tmp_path / "w", root, phantoms, Contract(), card)  # no contract.json: harmonized
     out = tmp_path / "weights_report.json"
     rc, stdout, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 200, "--quiet",
                                "--no-plots", "--write-card", "--save-predictions", tmp_path / "saved.json"], capsys)
@@ -643,7 +668,7 @@ def test_cli_weights_matches_predictions_and_writes_card(tree, tmp_path, capsys,
     written = json.loads((tmp_path / "w" / "oracle.json").read_text())
     assert written["training"] == {"epochs": 1} and written["backend"] == "oracle"
     assert {m: t["threshold"] for m, t in written["thresholds"].items()} == {"screening": 0.4, "balanced": 0.6, "specific": 0.6}
-    assert written["metrics"]["split"] == "test" and written["metrics"]["splits_sha256"] == inference.sha256_file(root / "splits.csv")
+    assert written["metrics"]["split"] == "test" and written["metrics"]["splits_sha256"] == sha256_file(root / "splits.csv")
     saved = json.loads((tmp_path / "saved.json").read_text())
     assert len(saved) == 12 and all("detections" in s for s in saved)
     assert "model card updated" in stdout
@@ -658,15 +683,15 @@ def test_pre_harmonized_tree_is_fed_as_stored(tmp_path, oracle_backend):
     phantoms = write_tree(root, contract=True)  # contract.json: the tree is already harmonized
     weights = write_oracle(tmp_path / "w", root, phantoms, None, {"backend": "oracle"})  # answers for the stored pixels
     predictor = inference.Predictor(weights)
-    report = ev.run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False)
+    report = run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False)
     assert predictor.detector.unknown == 0  # every image reached the model exactly as stored
     assert report["operating_points"]["balanced"]["threshold"] == 0.6
     assert any("no second harmonization" in n for n in report["notes"])
-    assert predictor.contract == inference.Contract()  # restored afterwards
+    assert predictor.contract == Contract()  # restored afterwards
     # the direct path other tools use (ensemble.py) decides the same way
-    records = ev.predict_split(predictor, ev.load_ground_truth(root / "dataset.yaml", "test"), progress=False)
+    records = predict_split(predictor, load_ground_truth(root / "dataset.yaml", "test"), progress=False)
     assert predictor.detector.unknown == 0 and sum(len(r["detections"]) for r in records) == 5
-    forced = ev.run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False, harmonize="yes",
+    forced = run_evaluation(predictor, root / "dataset.yaml", n_boot=0, progress=False, harmonize="yes",
                                thresholds={"balanced": 0.6})
     assert predictor.detector.unknown == 6  # CLAHE'd pixels are not what the oracle knows
     assert forced["image_level"]["balanced"]["tp"] == 0
@@ -674,14 +699,14 @@ def test_pre_harmonized_tree_is_fed_as_stored(tmp_path, oracle_backend):
 
 def test_evaluate_predictions_shapes_and_json(tmp_path):
     gt, preds = loc_fixture()
-    r = ev.evaluate_predictions(gt, preds, {"balanced": 0.5}, n_boot=50)
+    r = evaluate_predictions(gt, preds, {"balanced": 0.5}, n_boot=50)
     json.dumps(r)  # plain JSON, no numpy types
     assert r["localization"]["iou"] == 0.3 and r["image_level"]["balanced"]["threshold"] == 0.5
     assert not any(isinstance(v, float) and math.isnan(v) for v in r["box"].values() if v is not None)
-    with pytest.raises(ev.EvaluationError, match="unknown mode"):
-        ev.evaluate_predictions(gt, preds, {"lenient": 0.5})
+    with pytest.raises(EvaluationError, match="unknown mode"):
+        evaluate_predictions(gt, preds, {"lenient": 0.5})
     with pytest.raises(ValueError, match="predictions for"):
-        ev.evaluate_predictions(gt, preds[:2], {"balanced": 0.5})
+        evaluate_predictions(gt, preds[:2], {"balanced": 0.5})
 
 
 @pytest.mark.slow
@@ -698,7 +723,7 @@ def test_ultralytics_crosscheck_runs_offline_without_touching_the_tree(tree, tmp
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     YOLO(str(tmp_path / "tiny.yaml"), task="detect").save(str(tmp_path / "tiny.pt"))  # untrained: no download
     before = sorted(p.relative_to(root) for p in root.rglob("*"))
-    cc = ev.ultralytics_crosscheck(tmp_path / "tiny.pt", root / "dataset.yaml", "test", imgsz=256,
+    cc = ultralytics_crosscheck(tmp_path / "tiny.pt", root / "dataset.yaml", "test", imgsz=256,
                                    ours={"box": {"map50": 0.25, "map50_95": 0.125}})
     assert sorted(p.relative_to(root) for p in root.rglob("*")) == before  # no labels cache written into the tree
     assert 0.0 <= cc["ultralytics"]["map50"] <= 1.0 and 0.0 <= cc["ultralytics"]["map50_95"] <= cc["ultralytics"]["map50"]
@@ -719,18 +744,18 @@ def test_choose_box_rule_removes_nested_copies_and_keeps_map():
                               [top, top - 0.001, top - 0.002, top - 0.003, top - 0.004]))
         else:
             preds.append(pred([[60, 60, 70, 70]], [0.3]))
-    rule, table = ev.choose_box_rule(gt, preds)
+    rule, table = choose_box_rule(gt, preds)
     raw = next(r for r in table if r["rule"] == {"nms_iou": None, "contained": None, "max_boxes": None})
     chosen = next(r for r in table if r["chosen"])
-    assert raw["p90"] == 5 and chosen["p90"] <= ev.BOX_RULE_MAX_P90
+    assert raw["p90"] == 5 and chosen["p90"] <= BOX_RULE_MAX_P90
     assert chosen["map50"] >= raw["map50"] and chosen["p90"] == 1
-    assert inference.BoxRule(**chosen["rule"]) == rule and rule != inference.BoxRule()
+    assert BoxRule(**chosen["rule"]) == rule and rule != BoxRule()
     assert sum(r["chosen"] for r in table) == 1
 
 
 def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
     root, phantoms = tree
-    weights = write_oracle(tmp_path / "m", root, phantoms, inference.Contract(), {"backend": "oracle"})
+    weights = write_oracle(tmp_path / "m", root, phantoms, Contract(), {"backend": "oracle"})
     table = json.loads(weights.read_text())
     for key, rows in table.items():  # every box comes with two nested near-copies scoring a little lower
         table[key] = [r for x1, y1, x2, y2, sc in rows for r in ([x1, y1, x2, y2, sc], [x1 + 1, y1 + 1, x2 - 1, y2 - 1, sc - 1e-3],
@@ -763,24 +788,24 @@ def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path,
 
 
 def test_wilson_interval_known_values():
-    assert ev.wilson_interval(3, 3) == pytest.approx((0.438503, 1.0), abs=1e-6)
-    assert ev.wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
-    assert ev.wilson_interval(50, 100) == pytest.approx((0.403831, 0.596169), abs=1e-6)
+    assert wilson_interval(3, 3) == pytest.approx((0.438503, 1.0), abs=1e-6)
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277533), abs=1e-6)
+    assert wilson_interval(50, 100) == pytest.approx((0.403831, 0.596169), abs=1e-6)
 
 
 def test_small_n_intervals_are_wilson_or_absent_never_degenerate():
     # 3 positives all found, 4 negatives: the bootstrap can only say [1, 1]
-    tiny = ev.confusion_metrics([1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1], n_boot=500)
+    tiny = confusion_metrics([1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 0, 0, 0, 1], n_boot=500)
     assert tiny["sensitivity"]["ci"] is None and tiny["sensitivity"]["note"] == "too few (n=3) for an interval"
     assert tiny["specificity"]["ci"] is None and "n=4" in tiny["specificity"]["note"]
     # 8 positives all found: Wilson, not the bootstrap's [1, 1]
-    small = ev.confusion_metrics([1] * 8 + [0] * 40, [1] * 8 + [0] * 38 + [1] * 2, n_boot=500)
+    small = confusion_metrics([1] * 8 + [0] * 40, [1] * 8 + [0] * 38 + [1] * 2, n_boot=500)
     assert small["sensitivity"]["ci_method"] == "wilson" and small["sensitivity"]["ci"] == pytest.approx([0.675592, 1.0], abs=1e-6)
     # 40 negatives: the group bootstrap, a real interval around 38/40
     assert small["specificity"]["ci_method"] == "group bootstrap"
     lo, hi = small["specificity"]["ci"]
     assert lo < 0.95 < hi and lo < hi
-    assert "too few (n=3)" in ev._fmt(tiny["sensitivity"])
+    assert "too few (n=3)" in _fmt(tiny["sensitivity"])
 
 
 def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
@@ -792,7 +817,7 @@ def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
     hit = [10, 10, 30, 30]
     preds = [pred([hit], [0.9]), pred([hit], [0.2]), pred([hit], [0.1]), pred([], []), pred([[50, 50, 60, 60]], [0.5]),
              pred([hit], [0.8]), pred([hit], [0.3]), pred([[50, 50, 60, 60]], [0.4]), pred([], [])]
-    report = ev.evaluate_predictions(gt, preds, {"balanced": 0.35}, n_boot=0)
+    report = evaluate_predictions(gt, preds, {"balanced": 0.35}, n_boot=0)
     a, b = report["by_source_radiographs"]["a"], report["by_source_radiographs"]["b"]
     assert (a["n_images"], a["n_positive"]) == (3, 1) and report["by_source"]["a"]["n_images"] == 5
     assert a["image_auc"] == 1.0  # r0's first copy (0.9) above r1 (0) and r2 (0.5)
@@ -802,10 +827,10 @@ def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
     assert mean["image_auc"] == {"value": pytest.approx(0.875), "n_sources": 2}
     # every rate here rests on fewer than 5 cases: too few for the mean, as for an interval
     assert mean["sensitivity"] == {"value": None, "n_sources": 0}
-    report = ev.evaluate_predictions(make_gt(truth * 5, groups=[f"{g}{k}" for k in range(5) for g in groups],
+    report = evaluate_predictions(make_gt(truth * 5, groups=[f"{g}{k}" for k in range(5) for g in groups],
                                              sources={i: sources[i % 9] for i in range(45)}), preds * 5, {"balanced": 0.35}, n_boot=0)
     a, b = report["by_source_radiographs"]["a"], report["by_source_radiographs"]["b"]
     assert a["image_level"]["balanced"]["sensitivity"]["value"] == 1.0 and b["image_level"]["balanced"]["sensitivity"]["value"] == 0.5
     assert report["mean_over_sources"]["sensitivity"] == {"value": pytest.approx(0.75), "n_sources": 2}
-    text = ev.format_report(report)
+    text = format_report(report)
     assert text.index("each radiograph once") < text.index("pooled over every source")

@@ -9,8 +9,8 @@ import cv2
 import pytest
 
 import scripts.external_val as xv
+from bone_r.synthetic import make_phantom
 from fakes import write_fake_model
-from phantoms import make_phantom
 
 WRONG_BOX = [0.0, 0.0, 10.0, 10.0]
 

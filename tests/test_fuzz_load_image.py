@@ -1,4 +1,4 @@
-"""Property/fuzz test of `inference.load_image` on random and mutated bytes.
+"""Property/fuzz test of `load_image` on random and mutated bytes.
 
 Seeds are small PNG (8/16-bit), JPEG (baseline, progressive), TIFF, BMP and DICOM
 files (uncompressed, RLE, JPEG 2000, deflated, windowed, VOI LUT, MONOCHROME1), so
@@ -30,8 +30,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import inference
-from phantoms import encode, make_dicom, make_phantom, to_8bit
+from bone_r.contract import harmonize
+from bone_r.image import ImageDecodeError, load_image
+from bone_r.synthetic import encode, make_dicom, make_phantom, to_8bit
 
 KINDS = {"empty", "unsupported", "corrupt", "too_many_pixels", "over_budget", "unsupported_compression"}
 MAX_PIXELS = 1_000_000  # keeps every accepted decode small
@@ -99,8 +100,8 @@ def _deflated(data: bytes) -> bytes:
 def check(data: bytes) -> None:
     """The property: a sane image, or ImageDecodeError with a known kind and a message."""
     try:
-        loaded = inference.load_image(data, max_pixels=MAX_PIXELS)
-    except inference.ImageDecodeError as err:
+        loaded = load_image(data, max_pixels=MAX_PIXELS)
+    except ImageDecodeError as err:
         assert err.kind in KINDS, err.kind
         assert str(err).strip(), "an error needs a message for a person"
         return
@@ -112,13 +113,13 @@ def check(data: bytes) -> None:
     assert meta.format in {"png", "jpeg", "tiff", "bmp", "dicom"}
     json.dumps(meta.to_dict(), allow_nan=False)  # the service and the CLI write it as strict JSON
     # what the service does next must not fail either
-    rgb = inference.harmonize(pixels)
+    rgb = harmonize(pixels)
     assert rgb.ndim == 3 and rgb.shape[2] == 3 and rgb.dtype == np.uint8
 
 
 def test_seeds_decode():
     for name, data in seeds().items():
-        loaded = inference.load_image(data, max_pixels=MAX_PIXELS)
+        loaded = load_image(data, max_pixels=MAX_PIXELS)
         assert loaded.pixels.shape == (40, 32), name
 
 
@@ -257,8 +258,8 @@ def test_png_chunk_longer_than_the_file_is_refused_cheaply():
     data = seeds()["png8"]
     lie = data[:33] + struct.pack(">I", 0xC12E5A73) + data[37:]
     t0 = time.perf_counter()
-    with pytest.raises(inference.ImageDecodeError) as err:
-        inference.load_image(lie, max_pixels=MAX_PIXELS)
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(lie, max_pixels=MAX_PIXELS)
     assert err.value.kind == "corrupt"
     assert time.perf_counter() - t0 < 0.5
 
@@ -267,6 +268,6 @@ def test_huge_declared_sizes_are_refused_before_decoding():
     """Known answers for the size checks the fuzzers lean on."""
     data = seeds()["png8"]
     lie = data[:8] + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 50_000, 50_000, 8, 0, 0, 0, 0)) + data[33:]
-    with pytest.raises(inference.ImageDecodeError) as err:
-        inference.load_image(lie, max_pixels=MAX_PIXELS)
+    with pytest.raises(ImageDecodeError) as err:
+        load_image(lie, max_pixels=MAX_PIXELS)
     assert err.value.kind == "too_many_pixels"

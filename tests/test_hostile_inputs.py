@@ -19,8 +19,9 @@ import pytest
 from test_service import assert_error, make_client, post
 
 import inference
+from bone_r.image import OVERLAY_BYTES_PER_PIXEL, ImageDecodeError, load_image
+from bone_r.synthetic import encode, make_phantom
 from fakes import write_fake_model
-from phantoms import encode, make_phantom
 from scripts import hostile_inputs as hostile
 
 pytestmark = pytest.mark.timeout(120)
@@ -31,7 +32,7 @@ def traced_peak(fn, *args, **kwargs):
     tracemalloc.start()
     try:
         result = fn(*args, **kwargs)
-    except inference.ImageDecodeError as err:
+    except ImageDecodeError as err:
         result = err
     finally:
         peak = tracemalloc.get_traced_memory()[1] / 1e6
@@ -39,14 +40,14 @@ def traced_peak(fn, *args, **kwargs):
     return result, peak
 
 
-def refused(data: bytes, kind: str = "over_budget", **kwargs) -> inference.ImageDecodeError:
+def refused(data: bytes, kind: str = "over_budget", **kwargs) -> ImageDecodeError:
     """`load_image(data)` raised `kind` within 5 s (timed untraced: tracing slows parsing), allocating < 80 MB."""
     t0 = time.perf_counter()
-    with pytest.raises(inference.ImageDecodeError) as raised:
-        inference.load_image(data, **kwargs)
+    with pytest.raises(ImageDecodeError) as raised:
+        load_image(data, **kwargs)
     seconds = time.perf_counter() - t0
     assert raised.value.kind == kind, str(raised.value)
-    err, peak = traced_peak(inference.load_image, data, **kwargs)
+    err, peak = traced_peak(load_image, data, **kwargs)
     assert seconds < 5 and peak < 80, (seconds, peak)
     return err
 
@@ -67,7 +68,7 @@ def test_j2k_single_frame_bomb_is_refused_before_decoding():
 
 def test_only_the_first_frame_is_decoded():
     """40 frames present, NumberOfFrames=1: one frame decoded (pydicom alone decodes all 40)."""
-    loaded, peak = traced_peak(inference.load_image, hostile.j2k_frames_dicom(side=1500, frames=40))
+    loaded, peak = traced_peak(load_image, hostile.j2k_frames_dicom(side=1500, frames=40))
     assert not isinstance(loaded, Exception), loaded
     assert loaded.pixels.shape == (1500, 1500)
     assert peak < 60, f"{peak:.0f} MB traced: more than one 2.25 MB frame was decoded"  # 40 frames: >= 90 MB
@@ -98,7 +99,7 @@ def test_an_ordinary_progressive_jpeg_still_decodes():
 
     px = (make_phantom(300, 240).pixels >> 4).astype(np.uint8)
     data = cv2.imencode(".jpg", px, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1])[1].tobytes()
-    assert inference.load_image(data).pixels.shape == (300, 240)
+    assert load_image(data).pixels.shape == (300, 240)
 
 
 def test_dicom_jpeg_frame_scan_bomb_is_refused():
@@ -119,8 +120,8 @@ def test_16bit_rgba_png_bomb_is_refused_before_decoding():
 
 def test_the_budget_counts_what_the_caller_does_next():
     data = hostile.png_bomb(side=3000)  # ~17 bytes per pixel to decode
-    assert inference.load_image(data, max_memory=250_000_000).pixels.shape == (3000, 3000)
-    refused(data, max_memory=250_000_000, extra_bytes_per_pixel=inference.OVERLAY_BYTES_PER_PIXEL)
+    assert load_image(data, max_memory=250_000_000).pixels.shape == (3000, 3000)
+    refused(data, max_memory=250_000_000, extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL)
 
 
 @pytest.mark.parametrize("build", [
@@ -245,6 +246,6 @@ def test_a_fifo_given_as_the_image_is_refused_not_read(tmp_path, weights, capsys
 def test_zero_window_width_falls_back_to_minmax(function):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no NaN cast warning either
-        gray, meta = inference.load_image(hostile.zero_width_window_dicom(function))
+        gray, meta = load_image(hostile.zero_width_window_dicom(function))
     assert meta.dicom["voi"] == "minmax" and "window_error" in meta.dicom
     assert len(np.unique(gray)) == 64  # the ramp, not a binarised image

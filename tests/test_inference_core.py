@@ -10,19 +10,15 @@ import numpy as np
 import pytest
 
 import inference
+from bone_r.contract import Contract, harmonize, harmonized_size, scale_boxes
+from bone_r.detection import BoxRule, Detection, Prediction, guess_type_and_severity
+from bone_r.draw import overlay_for
+from bone_r.image import load_image
+from bone_r.modes import FALLBACK_THRESHOLDS, resolve_threshold
+from bone_r.runs import ROOT
+from bone_r.synthetic import encode, make_dicom, make_phantom, to_8bit
 from fakes import write_fake_model
-from inference import (
-    Contract,
-    Detection,
-    Predictor,
-    guess_type_and_severity,
-    harmonize,
-    harmonized_size,
-    load_image,
-    resolve_threshold,
-    scale_boxes_to_original,
-)
-from phantoms import encode, make_dicom, make_phantom, to_8bit
+from inference import Predictor
 
 # ----------------------------------------------------------------------------- contract
 
@@ -86,11 +82,11 @@ def test_harmonized_size_matches_harmonize():
 def test_boxes_map_back_to_original_pixels():
     original, harm = (2000, 2500), (819, 1024)
     box_h = np.array([[81.9, 102.4, 409.5, 512.0]])
-    back = scale_boxes_to_original(box_h, harm, original)
+    back = scale_boxes(box_h, harm, original)
     np.testing.assert_allclose(back, [[200, 250, 1000, 1250]], atol=1e-6)
-    clipped = scale_boxes_to_original(np.array([[-5, -5, 900, 1100]]), harm, original)
+    clipped = scale_boxes(np.array([[-5, -5, 900, 1100]]), harm, original)
     np.testing.assert_allclose(clipped, [[0, 0, 2000, 2500]])
-    np.testing.assert_allclose(inference.scale_boxes_to_harmonized(back, original, harm), box_h)
+    np.testing.assert_allclose(scale_boxes(back, original, harm), box_h)
 
 
 # ----------------------------------------------------------------------------- detections and hints
@@ -130,8 +126,8 @@ def test_hints_follow_the_documented_table(box, score, kind, severity):
 def test_thresholds_from_card_then_fallback_then_conf():
     card = {"thresholds": {"screening": {"threshold": 0.05}, "balanced": {"threshold": 0.3}}}
     assert resolve_threshold("screening", card) == (0.05, "model_card")
-    assert resolve_threshold("specific", card) == (inference.FALLBACK_THRESHOLDS["specific"], "fallback")
-    assert resolve_threshold("balanced", None) == (inference.FALLBACK_THRESHOLDS["balanced"], "fallback")
+    assert resolve_threshold("specific", card) == (FALLBACK_THRESHOLDS["specific"], "fallback")
+    assert resolve_threshold("balanced", None) == (FALLBACK_THRESHOLDS["balanced"], "fallback")
     assert resolve_threshold("balanced", card, conf=0.9) == (0.9, "conf")
     with pytest.raises(ValueError, match="unknown mode 'loose'; choose one of screening, balanced, specific"):
         resolve_threshold("loose", card)
@@ -186,7 +182,7 @@ def test_predictor_maps_boxes_to_original_pixels_and_uses_card(tmp_path):
     screening = pred.predict(encode(ph.pixels, ".png"), mode="screening")
     assert len(screening.detections) == 2
     low = pred.predict(encode(ph.pixels, ".png"), mode="specific", min_score=0.001)
-    assert len(low.detections) == 2 and low.threshold == inference.FALLBACK_THRESHOLDS["specific"]
+    assert len(low.detections) == 2 and low.threshold == FALLBACK_THRESHOLDS["specific"]
 
 
 def test_offline_and_prediction_paths_see_identical_pixels(tmp_path):
@@ -267,15 +263,15 @@ def test_import_has_no_side_effects():
     import sys
 
     code = "import sys, inference, models; print(sorted(m for m in ('torch','ultralytics','pydicom') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=inference.ROOT, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "[]"
 
 
 def test_load_image_output_matches_overlay_size(tmp_path):
     ph = make_phantom(300, 200)
     loaded = load_image(encode(ph.pixels, ".png"))
-    pred = inference.Prediction("x", 200, 300, "balanced", 0.5, "conf", [Detection((10, 10, 50, 50), 0.9, model="a")], {})
-    out = inference.overlay_for(pred, loaded)
+    pred = Prediction("x", 200, 300, "balanced", 0.5, "conf", [Detection((10, 10, 50, 50), 0.9, model="a")], {})
+    out = overlay_for(pred, loaded)
     assert out.shape[1] == 200 and out.shape[0] > 300 and out.dtype == np.uint8
 
 
@@ -288,16 +284,16 @@ NESTED = [  # (xyxy, score): a fracture boxed four times over, and one elsewhere
 
 
 def _dets(rows):
-    return [inference.Detection(box, score) for box, score in rows]
+    return [Detection(box, score) for box, score in rows]
 
 
 @pytest.mark.parametrize("rule, kept", [
-    (inference.BoxRule(), [0.9, 0.8, 0.7, 0.6, 0.5]),
-    (inference.BoxRule(nms_iou=0.5), [0.9, 0.7, 0.6]),  # the small box inside overlaps little: NMS keeps it
-    (inference.BoxRule(nms_iou=0.5, contained=0.8), [0.9, 0.6]),
-    (inference.BoxRule(contained=0.8), [0.9, 0.6]),
-    (inference.BoxRule(max_boxes=2), [0.9, 0.8]),
-    (inference.BoxRule(nms_iou=0.5, max_boxes=1), [0.9]),
+    (BoxRule(), [0.9, 0.8, 0.7, 0.6, 0.5]),
+    (BoxRule(nms_iou=0.5), [0.9, 0.7, 0.6]),  # the small box inside overlaps little: NMS keeps it
+    (BoxRule(nms_iou=0.5, contained=0.8), [0.9, 0.6]),
+    (BoxRule(contained=0.8), [0.9, 0.6]),
+    (BoxRule(max_boxes=2), [0.9, 0.8]),
+    (BoxRule(nms_iou=0.5, max_boxes=1), [0.9]),
 ])
 def test_box_rule_keeps_known_boxes(rule, kept):
     shuffled = _dets(NESTED[::-1])  # the order given does not matter
@@ -309,7 +305,7 @@ def test_box_rule_commutes_with_a_score_threshold():
     xy = rng.uniform(0, 80, (40, 2))
     boxes = np.hstack([xy, xy + rng.uniform(5, 30, (40, 2))])
     scores = rng.uniform(0, 1, 40)
-    rule = inference.BoxRule(nms_iou=0.4, contained=0.7, max_boxes=6)
+    rule = BoxRule(nms_iou=0.4, contained=0.7, max_boxes=6)
     for t in (0.2, 0.5, 0.8):
         then_threshold = [i for i in rule.keep(boxes, scores) if scores[i] >= t]
         above = np.flatnonzero(scores >= t)
@@ -320,7 +316,7 @@ def test_box_rule_commutes_with_a_score_threshold():
 def test_box_rule_refuses_bad_settings():
     for bad in ({"nms_iou": 0}, {"contained": 1.5}, {"max_boxes": 0}, {"iou": 0.5}):
         with pytest.raises(ValueError, match="box rule"):
-            inference.BoxRule.from_dict(bad)
+            BoxRule.from_dict(bad)
 
 
 def test_predictor_applies_the_cards_box_rule(tmp_path):

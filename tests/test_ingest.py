@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
-from phantoms import encode, make_phantom
+from bone_r.synthetic import encode, make_phantom
 from scripts import fracatlas_to_yolo, ingest_yolo, mura_to_yolo
 
 
@@ -312,7 +312,7 @@ def test_mura_weak_boxes_are_marked_weak(mura: Path, tmp_path: Path):
 
 
 def test_ingest_links_decode_like_the_originals(roboflow: Path, tmp_path: Path):
-    from inference import load_image
+    from bone_r.image import load_image
 
     out = tmp_path / "out"
     assert ingest_yolo.main([str(roboflow), str(out), "--all-classes"]) == 0

@@ -1,4 +1,4 @@
-"""`inference.load_image`: every format, the DICOM display rule, and every failure."""
+"""`load_image`: every format, the DICOM display rule, and every failure."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import cv2
 import numpy as np
 import pytest
 
-from inference import ImageDecodeError, load_image, sniff_format
-from phantoms import encode, make_dicom, make_phantom, to_8bit, truncated_jpeg
+from bone_r.image import ImageDecodeError, load_image, sniff_format
+from bone_r.synthetic import encode, make_dicom, make_phantom, to_8bit, truncated_jpeg
 
 SHARED_DICOM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "dicom-samples"
 

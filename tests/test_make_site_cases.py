@@ -16,12 +16,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-import inference
+from bone_r.detection import Detection
+from bone_r.runs import ROOT
+from bone_r.synthetic import make_phantom
 from fakes import write_fake_model
-from phantoms import make_phantom
 from scripts import make_site_cases as msc
 
-ROOT = inference.ROOT
 SCHEMA = json.loads((ROOT / "docs" / "data" / "cases.schema.json").read_text())
 # (source, region, images, every k-th is fractured, copies per group)
 LAYOUT = [
@@ -184,7 +184,7 @@ def test_a_miss_and_a_false_alarm_are_put_in_when_the_draw_has_none():
     def predict(c):
         predicted.append(c.gt.key)
         flagged = c.gt.label == 1 and int(c.gt.key[1:]) not in missed
-        c.detections = [inference.Detection((1, 1, 5, 5), 0.9 if flagged else 0.1)]
+        c.detections = [Detection((1, 1, 5, 5), 0.9 if flagged else 0.1)]
 
     picks, extra = msc.choose(pool, 6, predict, 0.5, max_extra=10)
     assert [c.gt.key for c in msc.draw(pool, 6)] == ["k0", "k1", "k2", "k3", "k4", "k5"]  # outcome-blind draw

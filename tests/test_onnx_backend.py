@@ -18,8 +18,10 @@ import cv2
 import numpy as np
 import pytest
 
-from inference import Contract, Detection, Predictor, harmonize
-from phantoms import make_phantom
+from bone_r.contract import Contract, harmonize
+from bone_r.detection import Detection
+from bone_r.synthetic import make_phantom
+from inference import Predictor
 
 IMGSZ = 160
 

@@ -18,8 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from inference import Contract, Predictor, harmonize, sha256_file
-from phantoms import make_phantom
+from bone_r.contract import Contract, harmonize
+from bone_r.runs import sha256_file
+from bone_r.synthetic import make_phantom
+from inference import Predictor
 
 IMGSZ = 128
 # (height, width): below imgsz (torchvision's bilinear upscale), above it (area downscale), above the contract's max_side
@@ -288,7 +290,7 @@ def test_store_fp16_halves_the_file_and_keeps_the_boxes(tv_models):
     export = json.loads(fp16_path.with_suffix(".json").read_text())["export"]
     assert export["weights_storage"] == "float16" and export["float16_tensors"] == len(halves)
     assert 0 < export["float16_max_abs_error"] < 1e-2
-    from evaluate import box_iou
+    from bone_r.metrics import box_iou
 
     a, b = Predictor(fp32_path), Predictor(fp16_path)
     for path in tv_models["images"]:

@@ -10,8 +10,9 @@ import cv2
 import numpy as np
 import pytest
 
-from inference import Contract, harmonize, load_image
-from phantoms import encode, make_phantom, to_8bit, truncated_jpeg
+from bone_r.contract import Contract, harmonize
+from bone_r.image import load_image
+from bone_r.synthetic import encode, make_phantom, to_8bit, truncated_jpeg
 from scripts import preprocess
 
 

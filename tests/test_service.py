@@ -26,7 +26,10 @@ from test_places import SECRET, FakePlaces
 import inference
 import models
 from app.main import Settings, create_app
-from phantoms import encode, make_dicom, make_phantom, to_8bit
+from bone_r import DISCLAIMER
+from bone_r.detection import Detection
+from bone_r.modes import FALLBACK_THRESHOLDS, MODES
+from bone_r.synthetic import encode, make_dicom, make_phantom, to_8bit
 
 CARD = {
     "name": "fake-card",
@@ -52,7 +55,7 @@ class FakeDetector:
         out = []
         for (x1, y1, x2, y2), score in self.boxes:
             if score >= conf:
-                out.append(inference.Detection((x1 * w, y1 * h, x2 * w, y2 * h), score, "fracture", self.name))
+                out.append(Detection((x1 * w, y1 * h, x2 * w, y2 * h), score, "fracture", self.name))
         return out
 
 
@@ -216,7 +219,7 @@ def test_detect_formats_and_boxes_in_original_pixels(client, kind):
     assert boxes[1] == pytest.approx([150, 200, 225, 240], abs=1.0)
     hints = body["detections"][0]["hints"]
     assert hints["best_guess"] is True and "not a diagnosis" in hints["note"]
-    assert body["disclaimer"] == inference.DISCLAIMER
+    assert body["disclaimer"] == DISCLAIMER
     assert {"decode_ms", "harmonize_ms", "model_ms", "queue_ms", "read_ms", "total_ms"} <= set(body["timings_ms"])
     assert body["overlay_png_base64"] is None
     if kind == "dicom":
@@ -245,7 +248,7 @@ def test_default_mode_is_balanced_and_conf_overrides(client):
 def test_without_a_card_the_fallback_thresholds_are_reported(tmp_path):
     with make_client(tmp_path, card=None) as c:
         body = post(c, png_bytes(), "?mode=specific").json()
-    assert body["threshold"] == inference.FALLBACK_THRESHOLDS["specific"]
+    assert body["threshold"] == FALLBACK_THRESHOLDS["specific"]
     assert body["threshold_source"] == "fallback"
 
 
@@ -828,7 +831,7 @@ def test_openapi_schema_documents_every_answer(client):
     assert body["required"] == ["file"] and body["properties"]["file"]["format"] == "binary"
     params = {p["name"]: p for p in detect["parameters"]}
     assert set(params) == {"mode", "conf", "overlay", "lat", "lng"}
-    assert params["mode"]["schema"]["enum"] == list(inference.MODES)
+    assert params["mode"]["schema"]["enum"] == list(MODES)
     schemas = spec["components"]["schemas"]
     assert schemas["DetectResponse"]["examples"] and schemas["HealthResponse"]["examples"]
     assert detect["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

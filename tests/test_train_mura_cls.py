@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
-from phantoms import make_phantom
+from bone_r.synthetic import make_phantom
 
 FIELDS = ["image", "source", "region", "regions", "group", "label", "boxes", "weak", "original", "note", "patient", "study", "subset"]
 
@@ -59,7 +59,7 @@ def test_manifest_reader_follows_mura_to_yolo_columns(tmp_path):
 
 
 def test_manifest_reader_is_tolerant_and_strict_where_it_matters(tmp_path):
-    from train import TrainError
+    from bone_r.runs import TrainError
     from train_mura_cls import read_manifest
 
     img = tmp_path / "a.png"
@@ -89,7 +89,8 @@ def test_missing_manifest_is_a_one_line_error(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_classifier_learns_phantoms_resumes_and_loads(tmp_path):
-    from inference import Contract, harmonize, load_image
+    from bone_r.contract import Contract, harmonize
+    from bone_r.image import load_image
     from train_mura_cls import load_classifier, main
 
     manifest = mura_manifest(tmp_path / "mura", n=64)

@@ -16,8 +16,10 @@ import pytest
 import torch
 from test_train_yolo import phantom_tree
 
-from inference import Contract, Detection, Predictor, harmonize
-from phantoms import make_phantom
+from bone_r.contract import Contract, harmonize
+from bone_r.detection import Detection
+from bone_r.synthetic import make_phantom
+from inference import Predictor
 
 
 @pytest.fixture(autouse=True)
@@ -229,9 +231,9 @@ def test_resize_cache_gives_the_decoded_pixels_and_survives_a_torn_file(tmp_path
 
 
 def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
-    from train import ThreadGovernor
+    from bone_r.runs import ThreadGovernor
 
-    monkeypatch.setattr("train.available_cores", lambda: 2)
+    monkeypatch.setattr("available_cores", lambda: 2)
     fixed = ThreadGovernor(1, every=1)
     gov = ThreadGovernor(None, every=1)
     assert fixed.threads == 1 and gov.threads == 2
@@ -248,7 +250,7 @@ def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
 def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path):
     import argparse
 
-    from train import TrainError
+    from bone_r.runs import TrainError
     from train_torchvision import init_from
 
     model, config = _frozen_effnet_model()
@@ -258,7 +260,7 @@ def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path
     args = argparse.Namespace(init=path, arch="fasterrcnn", backbone="effnet_lite0_fpn", imgsz=160)
     started, new_config, note = init_from(args)
     assert new_config["imgsz"] == 160 and new_config["rpn_post_nms_top_n_train"] == 500 and "fresh" in note
-    from inference import sha256_file
+    from bone_r.runs import sha256_file
 
     assert f"sha256 {sha256_file(path)[:12]}" in note  # the lineage survives the file being replaced
     for key, value in model.state_dict().items():

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from inference import Contract
-from phantoms import write_dataset
+from bone_r.contract import Contract
+from bone_r.synthetic import write_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,7 +52,7 @@ def run_cli(*args: str, env_extra: dict[str, str] | None = None, timeout: int = 
 
 
 def test_load_dataset_resolves_relative_path_against_the_yaml_folder(tmp_path):
-    from train import load_dataset
+    from bone_r.dataset import load_dataset
 
     data = tmp_path / "somewhere" / "tree"
     phantom_tree(data, n=6, contract=Contract(clahe_clip=3.0, max_side=512))
@@ -73,7 +73,8 @@ def test_load_dataset_resolves_relative_path_against_the_yaml_folder(tmp_path):
 
 
 def test_load_dataset_without_contract_is_a_clear_error(tmp_path):
-    from train import TrainError, load_dataset
+    from bone_r.dataset import load_dataset
+    from bone_r.runs import TrainError
 
     yaml_path = phantom_tree(tmp_path / "t", n=6)
     (tmp_path / "t" / "contract.json").unlink()
@@ -89,7 +90,8 @@ def _write(path: Path, contract: Contract) -> Path:
 
 
 def test_ultralytics_view_links_files_and_never_writes_into_the_dataset(tmp_path):
-    from train import build_ultralytics_view, load_dataset
+    from bone_r.dataset import load_dataset
+    from train import build_ultralytics_view
 
     yaml_path = phantom_tree(tmp_path / "t", n=12)
     before = tree_files(tmp_path / "t")
@@ -178,7 +180,7 @@ def test_yolo_smoke_train_resume_card_and_export(tmp_path, capsys):
     # the registry's yolo backend loads the best weights and returns Detections in the given image's pixels
     import numpy as np
 
-    from inference import Detection
+    from bone_r.detection import Detection
 
     detector = build_detector("yolo", best, imgsz=64)
     assert build_detector("yolo", best).imgsz == 64  # no size given: the one it was trained at, as Ultralytics' val()

@@ -1,4 +1,4 @@
-"""visualize.py and inference.draw_overlay: boxes, scores, hints, legend, band; PNG/JPEG/DICOM in."""
+"""visualize.py and draw_overlay: boxes, scores, hints, legend, band; PNG/JPEG/DICOM in."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import cv2
 import numpy as np
 import pytest
 
-import inference
 import visualize
+from bone_r.detection import Detection, Prediction, guess_type_and_severity
+from bone_r.draw import PALETTE, draw_overlay, overlay_for, render
+from bone_r.image import load_image
+from bone_r.synthetic import encode, make_dicom, make_phantom, to_8bit, truncated_jpeg
 from fakes import write_fake_model
-from inference import Detection
-from phantoms import encode, make_dicom, make_phantom, to_8bit, truncated_jpeg
 
-ORANGE, BLUE, GREEN = inference.PALETTE[0], inference.PALETTE[1], inference.PALETTE[2]
+ORANGE, BLUE, GREEN = PALETTE[0], PALETTE[1], PALETTE[2]
 
 
 def count(rgb: np.ndarray, color, tol: int = 10) -> int:
@@ -42,7 +43,7 @@ def yolo_box(ph):
 def test_draw_overlay_boxes_legend_band():
     gray = np.full((300, 400, 3), 60, np.uint8)
     dets = [Detection((200, 150, 300, 200), 0.9, "fracture", "a"), Detection((50, 220, 120, 260), 0.4, "fracture", "b")]
-    out = inference.draw_overlay(gray, dets, legend=["a", "b", "c"])
+    out = draw_overlay(gray, dets, legend=["a", "b", "c"])
     assert out.shape[1] == 400 and out.shape[0] > 300  # band added below
     assert out[300:].mean() < 80  # the band is dark...
     assert (out[300:] > 200).any()  # ...with white text
@@ -51,14 +52,14 @@ def test_draw_overlay_boxes_legend_band():
     assert count(out[258:262, 60:110], BLUE) > 50
     # "c" has no box here but a key entry: its swatch, below the image (the key never covers the radiograph)
     assert count(out[300:], GREEN) > 20 and count(out[:300], GREEN) == 0
-    assert count(inference.draw_overlay(gray, dets)[300:], GREEN) == 0
+    assert count(draw_overlay(gray, dets)[300:], GREEN) == 0
 
 
 def test_draw_overlay_labels_do_not_cover_each_other():
     gray = np.full((300, 400, 3), 60, np.uint8)
     same = (150, 140, 250, 160)
     dets = [Detection(same, 0.9, "fracture", "a"), Detection(same, 0.8, "fracture", "b")]
-    out = inference.draw_overlay(gray, dets, show_hints=False)
+    out = draw_overlay(gray, dets, show_hints=False)
     # both labels' text is visible (orange and blue text pixels outside the box lines)
     outside = np.ones(out.shape[:2], bool)
     outside[136:165, 146:255] = False
@@ -71,22 +72,22 @@ def test_draw_overlay_labels_do_not_cover_each_other():
 def test_hints_line_is_written_and_can_be_left_out():
     gray = np.full((300, 400, 3), 60, np.uint8)
     det = Detection((150, 140, 250, 160), 0.9, "fracture", "a")
-    det.hints = inference.guess_type_and_severity(det, (400, 300))
-    with_hints = inference.draw_overlay(gray, [det])
-    without = inference.draw_overlay(gray, [det], show_hints=False)
+    det.hints = guess_type_and_severity(det, (400, 300))
+    with_hints = draw_overlay(gray, [det])
+    without = draw_overlay(gray, [det], show_hints=False)
     assert count(with_hints, ORANGE) > count(without, ORANGE) + 50
 
 
 def test_narrow_image_band_still_says_not_a_diagnosis():
-    out = inference.draw_overlay(np.zeros((200, 60, 3), np.uint8), [])
+    out = draw_overlay(np.zeros((200, 60, 3), np.uint8), [])
     assert out.shape[1] == 60 and (out[200:] > 200).any()
 
 
 def test_visualize_render_is_the_service_overlay(phantom):
-    loaded = inference.load_image(encode(phantom.pixels, ".png"))
+    loaded = load_image(encode(phantom.pixels, ".png"))
     det = Detection(phantom.box, 0.8, "fracture", "m")
-    pred = inference.Prediction("x", 240, 300, "balanced", 0.5, "conf", [det], {})
-    assert np.array_equal(visualize.render(loaded, [det]), inference.overlay_for(pred, loaded))
+    pred = Prediction("x", 240, 300, "balanced", 0.5, "conf", [det], {})
+    assert np.array_equal(render(loaded, [det]), overlay_for(pred, loaded))
 
 
 # --------------------------------------------------------------------------- the command line

@@ -15,6 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bone_r.dataset import GroundTruth, GTImage
+from bone_r.detection import Detection
+
 
 @dataclass
 class Phantom:
@@ -163,3 +166,62 @@ def write_dataset(root: Path, n: int = 6, size: tuple[int, int] = (256, 200), *,
         (root / "labels" / split / f"ph{i:03d}.txt").write_text(ph.yolo_row + ("\n" if ph.yolo_row else ""))
         phantoms.append(ph)
     return phantoms
+
+
+MODEL_A = "demo-yolo (synthetic)"
+
+
+MODEL_B = "demo-fcos (synthetic)"
+
+
+def jitter(box: tuple[float, ...], rng: np.random.Generator, amount: float, size: tuple[int, int]) -> tuple[float, ...]:
+    """A detector's imperfect copy of a true box: each side moved by up to `amount` of the box's size."""
+    x1, y1, x2, y2 = box
+    w, h = x2 - x1, y2 - y1
+    dx1, dx2 = rng.uniform(-amount, amount, 2) * w
+    dy1, dy2 = rng.uniform(-amount, amount, 2) * h
+    x1, x2 = sorted((float(np.clip(x1 + dx1, 0, size[0])), float(np.clip(x2 + dx2, 0, size[0]))))
+    y1, y2 = sorted((float(np.clip(y1 + dy1, 0, size[1])), float(np.clip(y2 + dy2, 0, size[1]))))
+    return x1, y1, max(x2, x1 + 1), max(y2, y1 + 1)
+
+
+def random_box(rng: np.random.Generator, size: tuple[int, int]) -> tuple[float, ...]:
+    w, h = rng.uniform(0.06, 0.25) * size[0], rng.uniform(0.03, 0.12) * size[1]
+    x, y = rng.uniform(0, size[0] - w), rng.uniform(0, size[1] - h)
+    return x, y, x + w, y + h
+
+
+DETECTORS = {
+    # name: (chance to find a true box, its score range, box jitter, false positives per image, their score range)
+    MODEL_A: (0.85, (0.35, 0.95), 0.12, 0.8, (0.02, 0.55)),
+    MODEL_B: (0.75, (0.30, 0.90), 0.20, 0.5, (0.02, 0.50)),
+}
+
+
+def demo_detect(name: str, boxes: np.ndarray, size: tuple[int, int], rng: np.random.Generator) -> list[Detection]:
+    find, (s_lo, s_hi), amount, fp_rate, (f_lo, f_hi) = DETECTORS[name]
+    out = []
+    for box in boxes:
+        if rng.uniform() < find:
+            out.append(Detection(jitter(tuple(box), rng, amount, size), round(float(rng.uniform(s_lo, s_hi)), 4), "fracture", name))
+    for _ in range(rng.poisson(fp_rate)):
+        out.append(Detection(random_box(rng, size), round(float(rng.uniform(f_lo, f_hi)), 4), "fracture", name))
+    return out
+
+
+def demo_ground_truth(n: int, split: str, rng: np.random.Generator) -> GroundTruth:
+    """Made-up cases (no image files): sizes, 0-2 true boxes, a source, a region, and pairs sharing a group."""
+    sources = ["demo-atlas", "demo-hip", "demo-hand"]
+    regions = {"demo-atlas": ["hand", "leg", "shoulder"], "demo-hip": ["hip"], "demo-hand": ["hand", "wrist"]}
+    images = []
+    for i in range(n):
+        source = sources[i % len(sources)]
+        region = regions[source][(i // len(sources)) % len(regions[source])]
+        size = (int(rng.integers(300, 700)), int(rng.integers(350, 900)))
+        n_boxes = int(rng.choice([0, 0, 0, 1, 1, 2]))
+        boxes = np.array([random_box(rng, size) for _ in range(n_boxes)], dtype=np.float64).reshape(-1, 4)
+        key = f"{split}/case{i:04d}.png"
+        images.append(GTImage(Path("/synthetic-demo") / key, key, size[0], size[1], boxes, int(n_boxes > 0),
+                                       source, region, f"{split}-group{i // 2:04d}"))
+    return GroundTruth(images, split, "synthetic demo (generated cases, no images)", None,
+                                ["synthetic demo: made-up cases and predictions"], None)

@@ -1,0 +1,145 @@
+"""Reports: evaluation reports as text, JSON and plots, and the number formats every table of the project uses.
+Research and teaching tool, not a diagnosis.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from bone_r import site
+from bone_r.dataset import EvaluationError
+from bone_r.detection import BoxRule
+from bone_r.metrics import jsonable
+from bone_r.modes import normalize_operating_points
+
+
+def _fmt(entry: dict[str, Any] | None) -> str:
+    if not entry or entry.get("value") is None:
+        return "n/a"
+    ci = entry.get("ci")
+    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else f" ({entry['note']})" if entry.get("note") else "")
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
+
+
+def _part_table(title: str, parts: dict[str, Any]) -> list[str]:
+    lines = ["", title, f"{'':<22} {'images':>7} {'pos':>5} {'boxes':>6} {'mAP50':>6} {'AUC':>6} "
+                        f"{'sensitivity [95% CI]':<32} {'specificity [95% CI]':<32}"]
+    for name, part in parts.items():
+        bal = part["image_level"].get("balanced") or next(iter(part["image_level"].values()))
+        lines.append(f"{name[:22]:<22} {part['n_images']:>7} {part['n_positive']:>5} {part['n_gt_boxes']:>6} "
+                     f"{_num(part['box']['map50']):>6} {_num(part.get('image_auc')):>6} {_fmt(bal['sensitivity']):<32} "
+                     f"{_fmt(bal['specificity']):<32}")
+    return lines
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The console table: per source first (each radiograph once), then the pooled numbers."""
+    lines = [f"split {report['split']} of {report['data']}: {report['n_images']} images, {report['n_positive']} positive, "
+             f"{report['n_groups']} groups"]
+    if report.get("by_source_radiographs"):
+        lines += _part_table("by source, each radiograph once (balanced mode)", report["by_source_radiographs"])
+        mean = report["mean_over_sources"]
+        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {_num(mean['map50']['value']):>6} "
+                     f"{_num(mean['image_auc']['value']):>6} {_num(mean['sensitivity']['value']):<32} "
+                     f"{_num(mean['specificity']['value']):<32}")
+    lines += ["", f"pooled over every source and copy ({report['n_images']} images):",
+              f"box: mAP@0.5 {_num(report['box']['map50'])}  mAP@0.5:0.95 {_num(report['box']['map50_95'])}  "
+              f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {_num(report['image_auc']['roc_auc'])}",
+              f"{'mode':<10} {'tau':>7} {'from':<10} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6} "
+              f"{'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} {'loc.sens':>8} {'boxes/flagged p90':>17}"]
+    for mode, res in report["image_level"].items():
+        op = report["operating_points"][mode]
+        loc = report["localization"].get(mode, {}).get("sensitivity")
+        per = (report.get("boxes_per_flagged_image") or {}).get(mode) or {}
+        lines.append(f"{mode:<10} {op['threshold']:>7.4f} {op.get('source', ''):<10} {_fmt(res['sensitivity']):<24} "
+                     f"{_fmt(res['specificity']):<24} {_num(res['ppv']['value']):>6} {_num(res['npv']['value']):>6} "
+                     f"{res['tp']:>5} {res['fp']:>5} {res['tn']:>5} {res['fn']:>5} {_num((loc or {}).get('value')):>8} "
+                     f"{_num(per.get('p90'), 1):>17}")
+    for title in ("by_source", "by_region"):
+        if report.get(title):
+            lines += _part_table(f"{title.replace('_', ' ')}, every image (balanced mode)", report[title])
+    if report.get("box_rule"):
+        lines.append(f"box rule: {BoxRule(**report['box_rule']['rule'])} (from {report['box_rule']['source']})")
+    for note in report.get("notes", []):
+        lines.append(f"note: {note}")
+    if report.get("errors"):
+        lines.append(f"errors: {len(report['errors'])} (see the report's 'errors')")
+    return "\n".join(lines)
+
+
+def save_plots(report: dict[str, Any], out_dir: str | Path, stem: str = "report") -> list[Path]:
+    """PR curves (image level and box level at IoU 0.5) and the FROC curve as PNG files."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    img = report["pr_curve"]["image"]
+    box = report["pr_curve"]["box_iou50"]
+    if img:
+        ax.plot([p["recall"] for p in img], [p["precision"] for p in img], label="image level", color="#0072B2")
+    if box:
+        ax.plot([p["recall"] for p in box], [p["precision"] for p in box], label=f"boxes, IoU 0.5 (AP {_num(report['box']['map50'])})", color="#D55E00")
+    for mode, res in report["image_level"].items():
+        sens, ppv = res["sensitivity"]["value"], res["ppv"]["value"]
+        if sens is not None and ppv is not None:
+            ax.scatter([sens], [ppv], s=25, zorder=3)
+            ax.annotate(mode, (sens, ppv), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(xlabel="recall (sensitivity)", ylabel="precision (PPV)", xlim=(0, 1.02), ylim=(0, 1.02), title=f"precision-recall, {report['split']}")
+    ax.grid(alpha=0.3)
+    if img or box:
+        ax.legend(loc="lower left", fontsize=8)
+    path = out_dir / f"{stem}_pr.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(5.5, 4.5), dpi=100)
+    pts = [p for p in report["froc"] if p["sensitivity"] is not None and p["fp_per_image"] is not None]
+    if pts:
+        ax.plot([p["fp_per_image"] for p in pts], [p["sensitivity"] for p in pts], marker=".", color="#009E73")
+        if max(p["fp_per_image"] for p in pts) > 0:
+            ax.set_xscale("symlog", linthresh=0.1)
+    ax.set(xlabel="false-positive boxes per image", ylabel="lesion sensitivity", ylim=(0, 1.02),
+           title=f"FROC (IoU >= {report['localization']['iou']}), {report['split']}")
+    ax.grid(alpha=0.3)
+    path = out_dir / f"{stem}_froc.png"
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    written.append(path)
+    return written
+
+
+def write_report(report: dict[str, Any], out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(jsonable({k: v for k, v in report.items() if not k.startswith("_")}), indent=2) + "\n")
+    site.refresh_bundle(out)  # docs/data/report.json: pages opened from disk read bundle.js
+    return out
+
+
+def load_thresholds_file(path: str | Path) -> dict[str, Any]:
+    """Thresholds from a model card (its `thresholds`) or a JSON {mode: threshold | {threshold: ...}}."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"thresholds file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EvaluationError(f"{path} is not valid JSON: {err}") from None
+    if isinstance(data, dict) and isinstance(data.get("thresholds"), dict):
+        data = data["thresholds"]
+    if not isinstance(data, dict):
+        raise EvaluationError(f"{path}: expected a model card or a {{mode: threshold}} object")
+    return normalize_operating_points(data, "given")
