@@ -136,7 +136,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     src.add_argument("--detector", metavar="NAME=WEIGHTS[:BACKEND]", help="a detector to predict val+test with")
     cls = f.add_mutually_exclusive_group(required=True)
     cls.add_argument("--classifier-scores", type=Path, help="JSON {image: p_abnormal}")
-    cls.add_argument("--classifier", type=Path, help="a classifier checkpoint for train_mura_cls.load_classifier")
+    cls.add_argument("--classifier", type=Path, help="a classifier checkpoint (train_mura_cls.py's best.pth; models.classifier.load_classifier)")
     f.add_argument("--alpha", nargs="+", type=float, default=list(DEFAULT_ALPHAS), help="alpha value(s) in [0, 1]")
     f.add_argument("--save-classifier-scores", type=Path, help="with --classifier: save the p_abnormal it gave each image")
 
@@ -214,9 +214,9 @@ def _run(args: argparse.Namespace) -> int:
             if not args.classifier.is_file():
                 raise EnsembleError(f"classifier checkpoint not found: {args.classifier}")
             try:
-                from train_mura_cls import load_classifier
+                from models.classifier import load_classifier
             except ImportError as err:
-                raise EnsembleError(f"cannot load the classifier code (train_mura_cls.load_classifier): {err}") from None
+                raise EnsembleError(f"cannot load the classifier code (models.classifier.load_classifier): {err}") from None
             # The classifier sees what it saw in training: the contract on its card (same stem, .json), if any.
             try:
                 card = load_model_card(args.classifier) or {}

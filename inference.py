@@ -38,6 +38,7 @@ from bone_r.image import (
     load_image,
     scan_folder,
 )
+from bone_r.metrics import match_detections
 from bone_r.modes import MODES, resolve_threshold
 from bone_r.runs import ROOT, display_path
 
@@ -219,6 +220,18 @@ def build_predictor(spec: ModelSpec, device: str = "cpu") -> Predictor:
         raise ModelSpecError(f"model {spec.name}: cannot load {spec.weights}: {type(err).__name__}: {err}") from None
 
 
+def check_against_pytorch(pt_weights: Path, onnx_path: Path, images: list[Path], conf: float, *, iou_min: float = 0.95,
+                          score_tol: float = 0.02) -> list[dict]:
+    """Both models through `Predictor` (same decode, contract and mapping) on each image."""
+    pt, ox = Predictor(pt_weights), Predictor(onnx_path)
+    rows = []
+    for image in images:
+        a = pt.predict(image, conf=conf, hints=False).detections
+        b = ox.predict(image, conf=conf, hints=False).detections
+        rows.append({"image": str(image), **match_detections(a, b, conf, iou_min=iou_min, score_tol=score_tol)})
+    return rows
+
+
 def overlay_path(out: Path, folder: Path, image: Path) -> Path:
     """Where folder mode writes an image's overlay: its path below `folder` with ".png" added, so that
     a.png, a.jpg and sub/a.png get a.png.png, a.jpg.png and sub/a.png.png instead of overwriting each other."""
@@ -324,5 +337,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

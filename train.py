@@ -44,7 +44,7 @@ from bone_r.card import (
     write_card,
 )
 from bone_r.contract import Contract
-from bone_r.dataset import DatasetInfo, load_dataset
+from bone_r.dataset import DatasetInfo, LabelError, label_path_for, load_dataset, read_label_rows
 from bone_r.runs import (
     DEFAULT_DATA,
     DEFAULT_RUNS,
@@ -72,35 +72,6 @@ ARCH_SUFFIXES = (".yaml", ".yml")
 
 
 # --------------------------------------------------------------------------- shared: dataset
-
-
-def label_path_for(image: Path) -> Path:
-    """The YOLO label of an image: the last ``/images/`` becomes ``/labels/``, suffix ``.txt`` (Ultralytics' rule)."""
-    text = str(image)
-    sep_images, sep_labels = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
-    if sep_images in text:
-        head, tail = text.rsplit(sep_images, 1)
-        text = head + sep_labels + tail
-    return Path(text).with_suffix(".txt")
-
-
-def read_yolo_boxes(label: Path) -> list[tuple[int, float, float, float, float]]:
-    """(class, cx, cy, w, h) rows of a YOLO box label; a missing or empty file is a negative image."""
-    if not label.is_file():
-        return []
-    rows = []
-    for n, line in enumerate(label.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        if len(parts) != 5:
-            raise TrainError(f"{label}:{n}: expected 'class cx cy w h', got {len(parts)} values (polygons must be boxed by ingest)")
-        try:
-            cls, cx, cy, w, h = int(float(parts[0])), *(float(v) for v in parts[1:])
-        except ValueError:
-            raise TrainError(f"{label}:{n}: not numbers: {line.strip()!r}") from None
-        rows.append((cls, cx, cy, w, h))
-    return rows
 
 
 # --------------------------------------------------------------------------- shared: run folder
@@ -189,7 +160,10 @@ def build_ultralytics_view(info: DatasetInfo, view_dir: Path, *, fraction: float
             _link(image, target)
             label = label_path_for(image)
             if label.is_file():
-                read_yolo_boxes(label)  # refuse malformed labels before training starts
+                try:
+                    read_label_rows(label, boxes_only=True)  # refuse malformed labels before training starts
+                except LabelError as err:
+                    raise TrainError(str(err)) from None
                 label_target = (view_dir / "labels" / split / rel).with_suffix(".txt")
                 label_target.parent.mkdir(parents=True, exist_ok=True)
                 _link(label, label_target)
@@ -432,7 +406,7 @@ def _train_and_finish(model: Any, train_args: dict[str, Any], run_dir: Path, run
           f"best weights {display_path(best)}, card {display_path(card_path)}")
     rc = 0
     if args.export == "onnx":
-        from scripts.export_onnx import export_onnx
+        from models.export import export_onnx
 
         onnx_path = export_onnx(best, imgsz=imgsz, opset=args.opset, dynamic=not args.static)
         print(f"exported {display_path(onnx_path)} (card {display_path(card_path_for(onnx_path))})")

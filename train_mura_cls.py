@@ -63,10 +63,10 @@ from bone_r.runs import (
     training_summary,
     write_run_files,
 )
+from models.classifier import CHECKPOINT_FORMAT, build_classifier, letterbox_square, load_classifier, to_tensor
 
 ROOT = Path(__file__).resolve().parent
 
-CHECKPOINT_FORMAT = "bone-r-classifier-1"
 RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "device"}
 PATH_COLUMNS = ("image", "path", "file", "filename")
 LABEL_COLUMNS = ("label", "abnormal", "positive", "target")
@@ -158,31 +158,6 @@ def read_manifest(path: Path, val_fraction: float = 0.1, seed: int = 0) -> tuple
 # --------------------------------------------------------------------------- images and model
 
 
-def letterbox_square(gray_or_rgb: np.ndarray, size: int) -> np.ndarray:
-    """Long side to `size` (area when shrinking, linear when growing), centred on a black square."""
-    import cv2
-
-    h, w = gray_or_rgb.shape[:2]
-    scale = size / max(h, w)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = cv2.resize(gray_or_rgb, (nw, nh), interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-    out = np.zeros((size, size) + gray_or_rgb.shape[2:], np.uint8)
-    top, left = (size - nh) // 2, (size - nw) // 2
-    out[top:top + nh, left:left + nw] = resized
-    return out
-
-
-def to_tensor(square_gray: np.ndarray, mean: list[float], std: list[float]):
-    """One gray square -> a normalized (3, H, W) float tensor (three equal channels, as harmonize gives)."""
-    import torch
-
-    x = torch.from_numpy(np.ascontiguousarray(square_gray)).float().div_(255.0)
-    x = x.unsqueeze(0).expand(3, -1, -1)
-    m = torch.tensor(mean).view(3, 1, 1)
-    s = torch.tensor(std).view(3, 1, 1)
-    return (x - m) / s
-
-
 class ClassificationSet:
     """Decoded (`load_image`), harmonized (unless already), letterboxed gray squares, with light augmentation."""
 
@@ -218,59 +193,6 @@ class ClassificationSet:
             matrix = cv2.getRotationMatrix2D((self.imgsz / 2, self.imgsz / 2), angle, scale)
             square = cv2.warpAffine(np.ascontiguousarray(square), matrix, (self.imgsz, self.imgsz), flags=cv2.INTER_LINEAR)
         return to_tensor(square, self.mean, self.std), torch.tensor(float(self.samples[index].label))
-
-
-def build_classifier(pretrained: bool):
-    """EfficientNet-Lite0 with a single-logit head (ImageNet weights from the installed package when `pretrained`)."""
-    from torch import nn
-
-    from models.backbones import load_effnet_lite0
-
-    net = load_effnet_lite0(pretrained)
-    net._fc = nn.Linear(net._fc.in_features, 1)
-    return net
-
-
-class AbnormalityClassifier:
-    """A trained classifier: ``clf(rgb) -> p_abnormal`` for a harmonized RGB image (what `harmonize` gives)."""
-
-    def __init__(self, path: str | Path, device: str = "cpu"):
-        import torch
-
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"classifier not found: {path}")
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-            raise ValueError(f"{path} is not a Bone-R classifier readable with weights_only=True ({type(err).__name__})") from None
-        if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{path} is not a Bone-R classifier checkpoint ({CHECKPOINT_FORMAT})")
-        self.config = ckpt["config"]
-        self.contract = Contract.from_dict(self.config["contract"]) if self.config.get("contract") else None
-        self.imgsz = int(self.config["imgsz"])
-        self.device = torch.device("cuda" if device.startswith("cuda") or device.isdigit() else "cpu")
-        self.model = build_classifier(pretrained=False)
-        self.model.load_state_dict(ckpt["model"], strict=True)
-        self.model.eval().to(self.device)
-        self.name = f"classifier:{path.stem}"
-
-    def __call__(self, rgb: np.ndarray) -> float:
-        import cv2
-        import torch
-
-        if rgb.ndim == 3:  # harmonized images have three equal channels; anything else is made gray
-            same = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
-            rgb = rgb[..., 0] if same else cv2.cvtColor(np.ascontiguousarray(rgb[..., :3]), cv2.COLOR_RGB2GRAY)
-        square = letterbox_square(rgb.astype(np.uint8, copy=False), self.imgsz)
-        x = to_tensor(square, self.config["mean"], self.config["std"]).unsqueeze(0).to(self.device)
-        with torch.inference_mode():
-            return float(torch.sigmoid(self.model(x)).item())
-
-
-def load_classifier(path: str | Path, device: str = "cpu") -> AbnormalityClassifier:
-    """The trained abnormality classifier at `path` (best.pth): a callable rgb -> p_abnormal."""
-    return AbnormalityClassifier(path, device)
 
 
 # --------------------------------------------------------------------------- evaluation

@@ -9,6 +9,7 @@ import csv
 import json
 import math
 import os
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 
 from bone_r.contract import Contract
 from bone_r.image import ImageDecodeError, list_images, load_image
-from bone_r.runs import TrainError, sha256_file
+from bone_r.runs import ROOT, TrainError, sha256_file
 
 TRUTHY = {"1", "true", "yes", "y", "t"}
 
@@ -167,31 +168,94 @@ def image_size(path: Path) -> tuple[int, int]:
             raise EvaluationError(f"{path}: {err}") from None
 
 
-def read_yolo_boxes(label_file: Path, width: int, height: int) -> tuple[np.ndarray, set[int]]:
-    """xyxy boxes in pixels from a YOLO label file (box rows, or polygon rows -> their bounding box)."""
-    boxes, classes = [], set()
-    for lineno, line in enumerate(label_file.read_text().splitlines(), 1):
+class LabelError(EvaluationError):
+    """A malformed YOLO label file: the message names the file and the line."""
+
+
+# Tolerance of `read_label_rows(inside=True)`: a box may leave [0, 1] by this much (rounding in 6-decimal labels).
+INSIDE_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class LabelRow:
+    """One row of a YOLO label file: class, coordinates (4: ``cx cy w h``; an even number >= 6: a polygon's
+    ``x y`` pairs), normalized to the image; and its line number."""
+
+    cls: int
+    coords: tuple[float, ...]
+    lineno: int
+
+    @property
+    def is_box(self) -> bool:
+        return len(self.coords) == 4
+
+    def xyxy(self) -> tuple[float, float, float, float]:
+        """Normalized xyxy: the box, or the polygon's bounding box (not clipped)."""
+        if self.is_box:
+            cx, cy, w, h = self.coords
+            return cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
+        xs, ys = self.coords[0::2], self.coords[1::2]
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def clipped(self) -> tuple[float, float, float, float] | None:
+        """Normalized xyxy clipped by its edges to the image (`clip_xyxy`); None when degenerate (a box of negative
+        size, or nothing left inside)."""
+        if self.is_box and (self.coords[2] < 0 or self.coords[3] < 0):
+            return None
+        return clip_xyxy(*self.xyxy())
+
+
+def read_label_rows(path: Path, *, boxes_only: bool = False, single_class: bool = False, inside: bool = False) -> list[LabelRow]:
+    """The one YOLO label reader: the rows of `path`, each checked, or a `LabelError` naming the file and line.
+
+    Always: blank lines are skipped (a file of none is a valid negative image; a UTF-8 BOM is ignored), every value
+    is a finite number, the class a non-negative integer, and a row has 4 coordinates (a box) or an even number >= 6
+    (a polygon). `boxes_only` refuses polygons (training trees hold boxes), `single_class` any class but 0, and
+    `inside` a box that is empty or leaves the image by more than `INSIDE_EPS`.
+    """
+    rows = []
+    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        where = f"{path}:{lineno}"
         try:
-            cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
+            values = [float(v) for v in parts]
         except ValueError:
-            raise EvaluationError(f"{label_file}:{lineno}: not a YOLO row: {line.strip()!r}") from None
-        if len(values) == 4:
-            cx, cy, w, h = values
-            x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
-        elif len(values) >= 6 and len(values) % 2 == 0:
-            xs, ys = values[0::2], values[1::2]
-            x1, y1, x2, y2 = min(xs), min(ys), max(xs), max(ys)
-        else:
-            raise EvaluationError(f"{label_file}:{lineno}: expected 'class cx cy w h' or a polygon, got {line.strip()!r}")
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-            raise EvaluationError(f"{label_file}:{lineno}: non-finite coordinates")
-        classes.add(cls)
-        boxes.append([min(max(x1, 0), 1) * width, min(max(y1, 0), 1) * height,
-                      min(max(x2, 0), 1) * width, min(max(y2, 0), 1) * height])
-    return np.array(boxes, dtype=np.float64).reshape(-1, 4), classes
+            raise LabelError(f"{where}: not a YOLO row (numbers expected): {line.strip()[:80]!r}") from None
+        cls_f, coords = values[0], values[1:]
+        if not all(math.isfinite(v) for v in values):
+            raise LabelError(f"{where}: non-finite values in {line.strip()[:80]!r}")
+        if cls_f != int(cls_f) or cls_f < 0:
+            raise LabelError(f"{where}: the class must be a non-negative integer, got {parts[0]!r}")
+        if single_class and cls_f != 0:
+            raise LabelError(f"{where}: expected '0 cx cy w h' (single class), got {line.strip()[:80]!r}")
+        if len(coords) != 4 and (boxes_only or len(coords) < 6 or len(coords) % 2):
+            expected = "4 ('class cx cy w h'; polygons must be boxed by ingest)" if boxes_only else "4 (box) or an even number >= 6 (polygon)"
+            raise LabelError(f"{where}: {len(coords)} coordinates: expected {expected}")
+        row = LabelRow(int(cls_f), tuple(coords), lineno)
+        if inside:
+            x1, y1, x2, y2 = row.xyxy()
+            if not (x2 > x1 and y2 > y1 and x1 >= -INSIDE_EPS and y1 >= -INSIDE_EPS and x2 <= 1 + INSIDE_EPS and y2 <= 1 + INSIDE_EPS):
+                raise LabelError(f"{where}: the box {line.strip()!r} is empty or leaves the image")
+        rows.append(row)
+    return rows
+
+
+def read_yolo_boxes(label_file: Path, width: int, height: int) -> tuple[np.ndarray, set[int]]:
+    """xyxy boxes in pixels from a YOLO label file (box rows, or polygon rows -> their bounding box), each edge
+    clipped to the image; and the classes seen."""
+    rows = read_label_rows(label_file)
+    boxes = [[min(max(v, 0), 1) * s for v, s in zip(row.xyxy(), (width, height, width, height))] for row in rows]
+    return np.array(boxes, dtype=np.float64).reshape(-1, 4), {row.cls for row in rows}
+
+
+def write_label_file(path: Path, boxes: Iterable[tuple[float, float, float, float]], width: float = 1.0, height: float = 1.0) -> Path:
+    """The one YOLO label writer: one ``0 cx cy w h`` row per xyxy box (in pixels of a `width` x `height` image,
+    or normalized); no box writes an empty file (a negative image)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(xyxy_to_yolo(box, width, height) + "\n" for box in boxes))
+    return path
 
 
 def _read_splits_csv(csv_path: Path) -> list[dict[str, str]]:
@@ -443,3 +507,80 @@ def load_dataset(yaml_path: str | Path, contract_path: str | Path | None = None)
         notes.append(f"no splits.csv beside {yaml_path}: splits_sha256 is null")
     return DatasetInfo(yaml_path, root, splits, [str(n) for n in names], contract, str(cpath.resolve()), splits_csv,
                        sha256_file(splits_csv) if splits_csv else None, notes)
+
+
+MANIFEST_FIELDS = ["image", "source", "region", "regions", "group", "label", "boxes", "weak", "original", "note"]
+
+
+MIN_SIDE = 1e-6  # a box thinner than this (normalized) after clipping is degenerate
+
+
+class IngestError(Exception):
+    """Bad input for an ingest step: the message is one line for a person."""
+
+
+def yolo_row(cx: float, cy: float, w: float, h: float) -> str:
+    return f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
+
+
+def clip_xyxy(x1: float, y1: float, x2: float, y2: float, width: float = 1.0, height: float = 1.0) -> tuple[float, float, float, float] | None:
+    """Clip a box by its edges to [0, width] x [0, height]; None when degenerate (or not finite).
+
+    Clipping the edges (not cx, cy, w, h one by one) keeps the part of a box that
+    lies inside the image, so a box crossing the border shrinks to that part.
+    """
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        return None
+    x1, x2 = sorted((x1, x2))
+    y1, y2 = sorted((y1, y2))
+    x1, x2 = max(0.0, x1), min(float(width), x2)
+    y1, y2 = max(0.0, y1), min(float(height), y2)
+    if (x2 - x1) <= MIN_SIDE * width or (y2 - y1) <= MIN_SIDE * height:
+        return None
+    return x1, y1, x2, y2
+
+
+def xyxy_to_yolo(box: tuple[float, float, float, float], width: float = 1.0, height: float = 1.0) -> str:
+    x1, y1, x2, y2 = box
+    return yolo_row((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
+
+
+def is_inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def prepare_output(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
+    """Make `out` an empty folder: refuse a non-empty one unless `overwrite`, which clears it.
+
+    Never clears a folder that holds (or is) an input, the repository, or a filesystem root.
+    """
+    out = Path(out)
+    for src in inputs:
+        if is_inside(out, src) or is_inside(src, out):
+            raise IngestError(f"the output folder {out} overlaps the input {src}: choose an output outside it")
+    if out.exists() and not out.is_dir():
+        raise IngestError(f"the output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise IngestError(f"the output folder {out} is not empty: pass --overwrite to clear it, or choose another folder")
+        resolved = out.resolve()
+        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or is_inside(ROOT, resolved):
+            raise IngestError(f"refusing to clear {out}: it is a root, home or repository folder")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def link_original(original: Path, dest: Path) -> None:
+    """`dest` becomes a symbolic link to the original (absolute), so nothing is copied or written in the source."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.symlink(original.resolve(), dest)
+
+
+def write_manifest(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
+    fields = fields or MANIFEST_FIELDS
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") for k in fields})

@@ -211,7 +211,7 @@ class ScoreLookup:
 
 def classifier_scores(records: Sequence[dict[str, Any]], classifier: Callable[[np.ndarray], float],
                       contract: Contract | None = None, progress: bool = True) -> dict[str, float]:
-    """Run an image classifier (`callable(rgb) -> p_abnormal`, e.g. `train_mura_cls.load_classifier(path)`)
+    """Run an image classifier (`callable(rgb) -> p_abnormal`, e.g. `models.classifier.load_classifier(path)`)
     on every record's image: decoded by `load_image`, harmonized by `harmonize`."""
     from tqdm import tqdm
 

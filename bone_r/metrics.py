@@ -744,3 +744,36 @@ def ultralytics_crosscheck(weights: str | Path, data_yaml: str | Path, split: st
                                       "Ultralytics' own AP (up to 300 boxes/image); pixels: ours go through inference.Predictor "
                                       "(as stored for a pre-harmonized tree, else harmonized), Ultralytics reads the stored files")
     return out
+
+
+def match_detections(reference: list, candidate: list, conf: float, *, iou_min: float = 0.95, score_tol: float = 0.02) -> dict:
+    """Do two backends' detections (same image, same pixels) agree above `conf`?
+
+    Greedy matching in reference-score order: each reference box takes, among the
+    unused candidates with IoU > iou_min, the one closest in score (boxes clipped to
+    the image border can coincide). `ok`: the same number of boxes at score >= conf,
+    and every reference box has a partner with IoU > iou_min and |score difference| < score_tol.
+    """
+    ref = [d for d in reference if d.score >= conf]
+    cand = [d for d in candidate if d.score >= conf]
+    if not ref or not cand:
+        return {"n_reference": len(ref), "n_candidate": len(cand), "matched": 0, "min_iou": None, "max_score_diff": None,
+                "max_coord_diff": None, "ok": len(ref) == len(cand)}
+    ious = box_iou(np.array([d.xyxy for d in ref]), np.array([d.xyxy for d in cand]))
+    used: set[int] = set()
+    worst_iou, worst_diff, worst_px, matched = 1.0, 0.0, 0.0, 0
+    for i, det in enumerate(ref):
+        free = [j for j in range(len(cand)) if j not in used]
+        close = [j for j in free if ious[i, j] > iou_min]
+        if not close:
+            worst_iou = min(worst_iou, max((float(ious[i, j]) for j in free), default=0.0))
+            continue
+        j = min(close, key=lambda k: abs(det.score - cand[k].score))
+        used.add(j)
+        matched += 1
+        worst_iou = min(worst_iou, float(ious[i, j]))
+        worst_diff = max(worst_diff, abs(det.score - cand[j].score))
+        worst_px = max(worst_px, float(np.abs(np.subtract(det.xyxy, cand[j].xyxy)).max()))
+    ok = len(ref) == len(cand) == matched and worst_iou > iou_min and worst_diff < score_tol
+    return {"n_reference": len(ref), "n_candidate": len(cand), "matched": matched, "min_iou": round(worst_iou, 5),
+            "max_score_diff": round(worst_diff, 6), "max_coord_diff": round(worst_px, 4), "ok": ok}

@@ -389,3 +389,9 @@ def run_cli(run: Callable[[argparse.Namespace, list[str]], int], parser: argpars
     except KeyboardInterrupt:
         print("interrupted; continue later with --resume --name <run>", file=sys.stderr)
         return 130
+
+
+def tqdm_bar(iterable, **kw):
+    from tqdm import tqdm
+
+    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)

@@ -22,6 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bone_r.contract import Contract
+from bone_r.image import DEFAULT_MAX_PIXELS
+from bone_r.preprocess import plan, preprocess_tree
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +48,6 @@ def throughput(args) -> dict:
     from tqdm import tqdm
 
     from bone_r.synthetic import make_phantom
-    from scripts import preprocess
 
     h, w = (int(v) for v in args.size.lower().split("x"))
     tmp = Path(tempfile.mkdtemp(prefix="boner-bench-"))
@@ -60,10 +63,11 @@ def throughput(args) -> dict:
             for r in range(args.repeats):
                 out = tmp / f"out-{workers}-{r}"
                 t0 = time.perf_counter()
-                rc = preprocess.main([str(src), str(out), "--workers", str(workers), "--quiet"])
+                images, others = plan(src, out)  # what scripts/preprocess.py runs
+                rows, _ = preprocess_tree(images, others, out, Contract(), workers=workers, max_pixels=DEFAULT_MAX_PIXELS, quiet=True)
                 elapsed = time.perf_counter() - t0
-                if rc != 0:
-                    raise SystemExit(f"preprocess failed with exit code {rc}")
+                if any(r["error"] for r in rows):
+                    raise SystemExit("preprocess failed on some phantoms")
                 rates.append(args.n / elapsed)
                 shutil.rmtree(out)
             results[workers] = {"median_images_per_s": round(statistics.median(rates), 2), "runs": [round(x, 2) for x in rates]}

@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from scripts.ingest_yolo import is_inside
+from bone_r.dataset import is_inside
 
 ROOT = Path(__file__).resolve().parents[1]
 

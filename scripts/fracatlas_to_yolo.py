@@ -30,16 +30,9 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
+from bone_r.dataset import IngestError, clip_xyxy, link_original, prepare_output, write_manifest, xyxy_to_yolo
 from bone_r.image import load_image
-from scripts.ingest_yolo import (
-    IngestError,
-    clip_xyxy,
-    link_original,
-    prepare_output,
-    tqdm_bar,
-    write_manifest,
-    xyxy_to_yolo,
-)
+from bone_r.runs import tqdm_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 

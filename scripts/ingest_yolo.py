@@ -31,55 +31,30 @@ with fracatlas_to_yolo.py and mura_to_yolo.py.
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
 import re
-import shutil
 import sys
 from collections import Counter
-from collections.abc import Iterable
 from pathlib import Path
+
+from bone_r.dataset import (
+    IngestError,
+    LabelError,
+    label_path_for,
+    link_original,
+    prepare_output,
+    read_label_rows,
+    write_manifest,
+    xyxy_to_yolo,
+)
+from bone_r.image import IMAGE_SUFFIXES
+from bone_r.runs import tqdm_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # --------------------------------------------------------------------------- shared helpers
 
-MANIFEST_FIELDS = ["image", "source", "region", "regions", "group", "label", "boxes", "weak", "original", "note"]
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".dcm", ".dicom"}
 ROBOFLOW_SEP = ".rf."
 GRAZ_PATTERN = re.compile(r"^(\d+)_\d+_\d+_")  # <patient>_<timehash>_<study>_<side>-<projection>_<sex><age>
-MIN_SIDE = 1e-6  # a box thinner than this (normalized) after clipping is degenerate
-
-
-class IngestError(Exception):
-    """Bad input for an ingest step: the message is one line for a person."""
-
-
-def yolo_row(cx: float, cy: float, w: float, h: float) -> str:
-    return f"0 {cx:.6f} {cy:.6f} {w:.6f} {h:.6f}"
-
-
-def clip_xyxy(x1: float, y1: float, x2: float, y2: float, width: float = 1.0, height: float = 1.0) -> tuple[float, float, float, float] | None:
-    """Clip a box by its edges to [0, width] x [0, height]; None when degenerate (or not finite).
-
-    Clipping the edges (not cx, cy, w, h one by one) keeps the part of a box that
-    lies inside the image, so a box crossing the border shrinks to that part.
-    """
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        return None
-    x1, x2 = sorted((x1, x2))
-    y1, y2 = sorted((y1, y2))
-    x1, x2 = max(0.0, x1), min(float(width), x2)
-    y1, y2 = max(0.0, y1), min(float(height), y2)
-    if (x2 - x1) <= MIN_SIDE * width or (y2 - y1) <= MIN_SIDE * height:
-        return None
-    return x1, y1, x2, y2
-
-
-def xyxy_to_yolo(box: tuple[float, float, float, float], width: float = 1.0, height: float = 1.0) -> str:
-    x1, y1, x2, y2 = box
-    return yolo_row((x1 + x2) / 2 / width, (y1 + y2) / 2 / height, (x2 - x1) / width, (y2 - y1) / height)
 
 
 def roboflow_stem(stem: str) -> str:
@@ -124,47 +99,6 @@ def check_group_rule(rule: str) -> str:
     raise argparse.ArgumentTypeError(f"unknown group rule '{rule}': use auto, roboflow, patient, stem or regex:PATTERN")
 
 
-def is_inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def prepare_output(out: Path, overwrite: bool, inputs: Iterable[Path] = ()) -> None:
-    """Make `out` an empty folder: refuse a non-empty one unless `overwrite`, which clears it.
-
-    Never clears a folder that holds (or is) an input, the repository, or a filesystem root.
-    """
-    out = Path(out)
-    for src in inputs:
-        if is_inside(out, src) or is_inside(src, out):
-            raise IngestError(f"the output folder {out} overlaps the input {src}: choose an output outside it")
-    if out.exists() and not out.is_dir():
-        raise IngestError(f"the output {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise IngestError(f"the output folder {out} is not empty: pass --overwrite to clear it, or choose another folder")
-        resolved = out.resolve()
-        if resolved == Path(resolved.anchor) or resolved == Path.home().resolve() or is_inside(ROOT, resolved):
-            raise IngestError(f"refusing to clear {out}: it is a root, home or repository folder")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def link_original(original: Path, dest: Path) -> None:
-    """`dest` becomes a symbolic link to the original (absolute), so nothing is copied or written in the source."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(original.resolve(), dest)
-
-
-def write_manifest(path: Path, rows: list[dict], fields: list[str] | None = None) -> None:
-    fields = fields or MANIFEST_FIELDS
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in fields})
-
-
 def unique_names(paths: list[Path], root: Path) -> dict[Path, str]:
     """A flat, unique stem for each image: its own stem, or (on a clash) its path inside `root` joined by '__'."""
     by_stem: dict[str, list[Path]] = {}
@@ -177,12 +111,6 @@ def unique_names(paths: list[Path], root: Path) -> dict[Path, str]:
     if len(set(names.values())) != len(names):
         raise IngestError(f"cannot give the images under {root} unique names")
     return names
-
-
-def tqdm_bar(iterable, **kw):
-    from tqdm import tqdm
-
-    return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
 
 
 # --------------------------------------------------------------------------- YOLO export
@@ -222,46 +150,6 @@ def find_images(export: Path) -> list[Path]:
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and "images" in path.relative_to(export).parts[:-1]:
             found.append(path)
     return found
-
-
-def label_path_for(image: Path, export: Path) -> Path:
-    """Ultralytics' rule: the last 'images' folder in the path becomes 'labels', the suffix '.txt'."""
-    parts = list(image.relative_to(export).parts)
-    idx = len(parts) - 2 - parts[:-1][::-1].index("images")
-    parts[idx] = "labels"
-    return export.joinpath(*parts).with_suffix(".txt")
-
-
-def parse_label_file(path: Path) -> list[tuple[int, list[float], int]]:
-    """(class, coordinates, line number) per non-blank row; a malformed row raises IngestError."""
-    rows = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            cls_f = float(parts[0])
-            coords = [float(v) for v in parts[1:]]
-        except ValueError:
-            raise IngestError(f"{path}:{lineno}: not a YOLO row (numbers expected): {line.strip()[:80]!r}") from None
-        if cls_f != int(cls_f) or cls_f < 0:
-            raise IngestError(f"{path}:{lineno}: the class must be a non-negative integer, got {parts[0]!r}")
-        if len(coords) == 4 or (len(coords) >= 6 and len(coords) % 2 == 0):
-            rows.append((int(cls_f), coords, lineno))
-        else:
-            raise IngestError(f"{path}:{lineno}: {len(coords)} coordinates: expected 4 (box) or an even number >= 6 (polygon)")
-    return rows
-
-
-def row_to_box(coords: list[float]) -> tuple[float, float, float, float] | None:
-    """Normalized xyxy of a box row (cx cy w h) or a polygon row's bounding box, clipped; None if degenerate."""
-    if len(coords) == 4:
-        cx, cy, w, h = coords
-        if w < 0 or h < 0:
-            return None
-        return clip_xyxy(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2)
-    xs, ys = coords[0::2], coords[1::2]
-    return clip_xyxy(min(xs), min(ys), max(xs), max(ys))
 
 
 def parse_mapping(text: str, what: str) -> dict[str, str]:
@@ -337,24 +225,28 @@ def ingest(args: argparse.Namespace) -> dict:
     dropped_by_class: Counter = Counter()
     for image in tqdm_bar(images, desc=f"ingest {source}", unit="img"):
         stats["images_found"] += 1
-        label_file = label_path_for(image, export)
-        parsed = parse_label_file(label_file) if label_file.is_file() else None
+        label_file = label_path_for(image)
+        try:
+            parsed = read_label_rows(label_file) if label_file.is_file() else None
+        except LabelError as err:
+            raise IngestError(str(err)) from None
         if parsed is None:
             stats["no_label_file"] += 1
         boxes, kept_classes, degenerate = [], set(), 0
-        for cls, coords, _ in parsed or []:
+        for row in parsed or []:
+            cls = row.cls
             if chosen is not None and cls not in chosen:
                 dropped_by_class[names[cls] if names and cls < len(names) else str(cls)] += 1
                 continue
             if names is not None and cls >= len(names):
                 raise IngestError(f"{label_file}: class {cls} is out of range for the export's {len(names)} classes")
-            box = row_to_box(coords)
+            box = row.clipped()
             if box is None:
                 degenerate += 1
                 continue
             boxes.append(box)
             kept_classes.add(cls)
-            stats["polygon_rows"] += len(coords) > 4
+            stats["polygon_rows"] += not row.is_box
         stats["degenerate_boxes"] += degenerate
         if not parsed:  # empty or missing label file
             if args.empty == "skip":

@@ -51,7 +51,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from scripts.ingest_yolo import IMAGE_SUFFIXES, IngestError, is_inside, prepare_output, tqdm_bar
+from bone_r.dataset import IngestError, LabelError, is_inside, prepare_output, read_label_rows
+from bone_r.image import IMAGE_SUFFIXES
+from bone_r.runs import tqdm_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,28 +118,6 @@ def label_file_for(folder: Path, rel: str) -> Path:
     return folder.joinpath(*parts).with_suffix(".txt")
 
 
-def read_label_rows(path: Path) -> list[list[float]]:
-    """Validated `0 cx cy w h` rows of a label file (normalized, inside the image)."""
-    rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
-        parts = line.split()
-        if not parts:
-            continue
-        try:
-            values = [float(v) for v in parts]
-        except ValueError:
-            raise SplitError(f"{path}:{lineno}: not a YOLO row: {line[:80]!r}") from None
-        if len(values) != 5 or values[0] != 0:
-            raise SplitError(f"{path}:{lineno}: expected '0 cx cy w h' (single class), got {line[:80]!r}")
-        _, cx, cy, w, h = values
-        inside = all(math.isfinite(v) for v in values) and w > 0 and h > 0
-        inside = inside and cx - w / 2 >= -EPS and cy - h / 2 >= -EPS and cx + w / 2 <= 1 + EPS and cy + h / 2 <= 1 + EPS
-        if not inside:
-            raise SplitError(f"{path}:{lineno}: the box {line.strip()!r} is empty or leaves the image")
-        rows.append(values[1:])
-    return rows
-
-
 def load_input(folder: Path, allow_missing: bool, stats: Counter) -> tuple[list[Item], dict | None]:
     manifest = folder / "manifest.csv"
     if not manifest.is_file():
@@ -163,7 +143,10 @@ def load_input(folder: Path, allow_missing: bool, stats: Counter) -> tuple[list[
         label_file = label_file_for(folder, rec["image"])
         if not label_file.is_file():
             raise SplitError(f"{where}: no label file {label_file.relative_to(folder)}")
-        rows = read_label_rows(label_file)
+        try:
+            rows = read_label_rows(label_file, boxes_only=True, single_class=True, inside=True)
+        except LabelError as err:
+            raise SplitError(str(err)) from None
         try:
             label = int(rec["label"])
         except ValueError:
@@ -659,8 +642,8 @@ def verify_tree(tree: Path, rehash: bool = True, near_dup_threshold: float | Non
             problems.append(f"{row['path']}: sha256 differs from splits.csv")
         label_file = tree / "labels" / row["split"] / (path.stem + ".txt")
         try:
-            boxes = read_label_rows(label_file) if label_file.is_file() else None
-        except SplitError as err:
+            boxes = read_label_rows(label_file, boxes_only=True, single_class=True, inside=True) if label_file.is_file() else None
+        except LabelError as err:
             problems.append(str(err))
             continue
         if boxes is None:

@@ -29,15 +29,9 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from scripts.ingest_yolo import (
-    IMAGE_SUFFIXES,
-    MANIFEST_FIELDS,
-    IngestError,
-    link_original,
-    prepare_output,
-    tqdm_bar,
-    write_manifest,
-)
+from bone_r.dataset import MANIFEST_FIELDS, IngestError, link_original, prepare_output, write_manifest
+from bone_r.image import IMAGE_SUFFIXES
+from bone_r.runs import tqdm_bar
 
 ROOT = Path(__file__).resolve().parents[1]
 

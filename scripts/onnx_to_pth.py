@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
                                "recovered_from": args.onnx.name, "stored_dtype": "float16" if args.fp16 else "float32"})
     print(f"onnx_to_pth: {len(state)} tensors -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     if args.check:
-        from scripts.export_onnx import check_against_pytorch
+        from inference import check_against_pytorch
 
         rows = check_against_pytorch(args.out, args.onnx, args.check, conf=0.05, score_tol=0.02 if args.fp16 else 1e-4)
         for row in rows:

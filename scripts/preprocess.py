@@ -19,24 +19,15 @@ never written to.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
 import os
-import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import cv2
-
-from bone_r.contract import Contract, harmonize
-from bone_r.image import DEFAULT_MAX_PIXELS, ImageDecodeError, load_image, sniff_format
+from bone_r.contract import Contract
+from bone_r.image import DEFAULT_MAX_PIXELS
+from bone_r.preprocess import plan, preprocess_tree
 
 ROOT = Path(__file__).resolve().parents[1]
-
-MANIFEST = "preprocess_manifest.csv"
-CONTRACT = "contract.json"
-FIELDS = ["source", "output", "sha256", "repaired", "width", "height", "out_width", "out_height", "error"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,66 +43,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-going", action="store_true", help="exit 0 even when some images cannot be decoded")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def harmonize_file(src: str, dst: str, contract: dict, max_pixels: int) -> dict:
-    """Worker: decode + harmonize one file and write the PNG. Returns its manifest row."""
-    data = Path(src).read_bytes()
-    row = {"source": src, "output": dst, "sha256": sha256_bytes(data), "repaired": "", "width": "", "height": "",
-           "out_width": "", "out_height": "", "error": ""}
-    try:
-        loaded = load_image(data, max_pixels=max_pixels)
-    except ImageDecodeError as err:
-        row["error"] = str(err)
-        return row
-    rgb = harmonize(loaded.pixels, Contract.from_dict(contract))
-    Path(dst).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(dst).with_suffix(".tmp.png")
-    if not cv2.imwrite(str(tmp), rgb[:, :, 0]):
-        row["error"] = "could not write the output PNG"
-        return row
-    os.replace(tmp, dst)  # atomic: an interrupted run never leaves a half-written image
-    row.update(repaired="yes" if loaded.meta.repaired else "no", width=loaded.meta.width, height=loaded.meta.height,
-               out_width=rgb.shape[1], out_height=rgb.shape[0])
-    return row
-
-
-def is_image(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        return sniff_format(fh.read(132)) is not None
-
-
-def plan(input_dir: Path, output_dir: Path) -> tuple[list[tuple[Path, Path]], list[tuple[Path, Path]]]:
-    """(images, other files) as (source, destination) pairs; two images mapping to one PNG is an error."""
-    images, others, seen = [], [], {}
-    for src in sorted(input_dir.rglob("*")):
-        if not src.is_file() or src.name.startswith("."):
-            continue
-        rel = src.relative_to(input_dir)
-        if is_image(src):
-            dst = output_dir / rel.with_suffix(".png")
-            if dst in seen:
-                raise SystemExit(f"error: {seen[dst]} and {rel} would both become {dst.relative_to(output_dir)}; rename one")
-            seen[dst] = rel
-            images.append((src, dst))
-        else:
-            others.append((src, output_dir / rel))
-    return images, others
-
-
-def load_previous(output_dir: Path, contract: Contract) -> dict[str, dict]:
-    """Manifest rows of an earlier run with the same contract, keyed by source path."""
-    try:
-        if Contract.load(output_dir / CONTRACT) != contract:
-            return {}
-        with open(output_dir / MANIFEST, newline="") as fh:
-            return {row["source"]: row for row in csv.DictReader(fh)}
-    except (OSError, ValueError, KeyError):
-        return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,51 +62,19 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:
         print(f"error: bad contract: {err}", file=sys.stderr)
         return 2
-    images, others = plan(input_dir, output_dir)
+    try:
+        images, others = plan(input_dir, output_dir)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
     if not images:
         print(f"error: no images found under {args.input}", file=sys.stderr)
         return 2
-    previous = load_previous(output_dir, contract)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
-    rows, todo = [], []
-    for src, dst in images:
-        old = previous.get(str(src))
-        if old and not old["error"] and dst.is_file() and old["output"] == str(dst):
-            if old["sha256"] == sha256_bytes(src.read_bytes()):
-                rows.append(old)
-                continue
-        todo.append((src, dst))
-    for src, dst in others:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=len(todo), desc="harmonize", unit="img", disable=args.quiet)
-    workers = max(1, min(args.workers, len(todo) or 1))
-    if workers == 1:
-        for src, dst in todo:
-            rows.append(harmonize_file(str(src), str(dst), contract.to_dict(), args.max_pixels))
-            bar.update()
-    else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            futures = [pool.submit(harmonize_file, str(s), str(d), contract.to_dict(), args.max_pixels) for s, d in todo]
-            for fut in futures:
-                rows.append(fut.result())
-                bar.update()
-    bar.close()
-
-    rows.sort(key=lambda r: r["source"])
-    contract.save(output_dir / CONTRACT)
-    with open(output_dir / MANIFEST, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in FIELDS} for row in rows)
+    rows, n_todo = preprocess_tree(images, others, output_dir, contract, workers=args.workers, max_pixels=args.max_pixels,
+                                   quiet=args.quiet)
 
     failed = [r for r in rows if r["error"]]
     repaired = sum(1 for r in rows if r["repaired"] == "yes")
-    print(f"{len(images)} image(s): {len(todo) - len(failed)} harmonized, {len(images) - len(todo)} up to date, "
+    print(f"{len(images)} image(s): {n_todo - len(failed)} harmonized, {len(images) - n_todo} up to date, "
           f"{repaired} repaired truncated JPEG(s), {len(failed)} failed; {len(others)} other file(s) copied -> {output_dir}")
     for row in failed:
         print(f"  failed: {row['source']}: {row['error']}", file=sys.stderr)

@@ -289,7 +289,7 @@ def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
     import torch
 
     from bone_r.runs import save_checkpoint
-    from train_mura_cls import CHECKPOINT_FORMAT, build_classifier
+    from models.classifier import CHECKPOINT_FORMAT, build_classifier
 
     torch.manual_seed(0)
     net = build_classifier(pretrained=False)
@@ -303,7 +303,7 @@ def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
 
 
 def test_cli_fuse_with_a_classifier_checkpoint(dataset, tmp_path, torch_threads):
-    """The real loading path: --classifier -> train_mura_cls.load_classifier -> the saved weights score every image."""
+    """The real loading path: --classifier -> models.classifier.load_classifier -> the saved weights score every image."""
     data, items = dataset
     ckpt = write_classifier(tmp_path / "cls.pth", 0.25)
     det_file = write(tmp_path / "det.json", detector_a(items))

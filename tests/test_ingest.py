@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bone_r.dataset import IngestError
 from bone_r.synthetic import encode, make_phantom
 from scripts import fracatlas_to_yolo, ingest_yolo, mura_to_yolo
 
@@ -262,7 +263,7 @@ def test_grazpedwri_patient_groups_and_dict_names(tmp_path: Path):
     }
     assert labels(out, "0001_1297860395_01_WRI-L1_M014") == ["0 0.500000 0.500000 0.100000 0.200000"]
     assert ingest_yolo.group_for("0001_1297860395_01_WRI-L1_M014_png.rf.abc", "auto") == "0001"  # Roboflow copy of a GRAZPEDWRI image
-    with pytest.raises(ingest_yolo.IngestError):
+    with pytest.raises(IngestError):
         ingest_yolo.group_for("femur1_png.rf.abc", "patient")
 
 

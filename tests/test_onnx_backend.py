@@ -62,7 +62,7 @@ def make_confident_yolo(path: Path, imgsz: int = IMGSZ, seed: int = 0, nc: int =
 
 @pytest.fixture(scope="module")
 def models_dir(tmp_path_factory):
-    from scripts.export_onnx import export_onnx
+    from models.export import export_onnx
 
     folder = tmp_path_factory.mktemp("onnx_models")
     pt = make_confident_yolo(folder / "conf.pt")
@@ -128,7 +128,7 @@ def test_registry_and_infer_backend_build_the_onnx_backend(models_dir):
 
 @pytest.mark.parametrize("suffix", ["", "3"])
 def test_onnx_boxes_match_pytorch_through_the_predictor(models_dir, suffix):
-    from scripts.export_onnx import match_detections
+    from bone_r.metrics import match_detections
 
     pt, ox = Predictor(models_dir["pt" + suffix]), Predictor(models_dir["onnx" + suffix])
     assert pt.contract == ox.contract == Contract(clahe_clip=2.0, max_side=1024)
@@ -149,8 +149,8 @@ def test_onnx_boxes_match_pytorch_through_the_predictor(models_dir, suffix):
 
 
 def test_static_export_runs_and_matches_on_square_images(models_dir):
+    from bone_r.metrics import match_detections
     from models import build_detector
-    from scripts.export_onnx import match_detections
 
     static = build_detector("onnx", models_dir["static"])
     assert static.static_hw == (IMGSZ, IMGSZ)
@@ -176,7 +176,7 @@ def test_bad_onnx_file_is_a_clear_error(tmp_path):
 
 
 def test_export_refuses_an_out_path_that_would_share_the_pt_card(models_dir):
-    from scripts.export_onnx import ExportError, export_onnx
+    from models.export import ExportError, export_onnx
 
     with pytest.raises(ExportError, match="share its model card"):
         export_onnx(models_dir["pt"], models_dir["pt"].with_suffix(".onnx"))

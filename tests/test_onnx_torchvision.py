@@ -98,7 +98,7 @@ def _cut_between_scores(scores: list[float], gap: float = 1e-4) -> float:
 
 @pytest.fixture(scope="module")
 def tv_models(tmp_path_factory):
-    from scripts.export_onnx import export_onnx
+    from models.export import export_onnx
     from scripts.export_onnx import main as export_main
 
     folder = tmp_path_factory.mktemp("tv_onnx")
@@ -127,7 +127,7 @@ def tv_models(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["fasterrcnn", "fcos"])
 def test_onnx_boxes_match_pytorch_through_the_predictor(tv_models, arch):
-    from scripts.export_onnx import match_detections
+    from bone_r.metrics import match_detections
 
     pth, onnx_path = tv_models[arch]
     pt, ox = Predictor(pth), Predictor(onnx_path)
@@ -256,7 +256,7 @@ def test_runtime_choice(tv_models, tmp_path, monkeypatch):
 def test_openvino_runtime_gives_the_same_boxes(tv_models, monkeypatch):
     """Optional: OpenVINO (``pip install openvino``) runs torchvision exports about 17% faster; boxes must not move."""
     pytest.importorskip("openvino")
-    from scripts.export_onnx import match_detections
+    from bone_r.metrics import match_detections
 
     _, tv_onnx = tv_models["fasterrcnn"]
     ort_predictor = Predictor(tv_onnx)
@@ -275,7 +275,7 @@ def test_store_fp16_halves_the_file_and_keeps_the_boxes(tv_models):
     graph still computes in float32 and gives the float32 export's boxes (weights rounded by <= 2^-11 relative)."""
     import onnx
 
-    from scripts.export_onnx import export_onnx
+    from models.export import export_onnx
 
     pth, fp32_path = tv_models["fasterrcnn"]
     fp16_path = export_onnx(pth, tv_models["folder"] / "fp16" / "frcnn.onnx", store_fp16=True)
@@ -310,7 +310,7 @@ def test_store_weights_fp16_leaves_small_out_of_range_and_input_tensors(tmp_path
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from scripts.export_onnx import store_weights_fp16
+    from models.export import store_weights_fp16
 
     rng = np.random.default_rng(0)
     big = rng.normal(size=(64, 64)).astype(np.float32)

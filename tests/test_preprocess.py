@@ -12,6 +12,7 @@ import pytest
 
 from bone_r.contract import Contract, harmonize
 from bone_r.image import load_image
+from bone_r.preprocess import MANIFEST
 from bone_r.synthetic import encode, make_phantom, to_8bit, truncated_jpeg
 from scripts import preprocess
 
@@ -38,7 +39,7 @@ def source(tmp_path):
 
 
 def _manifest(out):
-    with open(out / preprocess.MANIFEST, newline="") as fh:
+    with open(out / MANIFEST, newline="") as fh:
         return {os.path.basename(r["source"]): r for r in csv.DictReader(fh)}
 
 
@@ -78,7 +79,7 @@ def test_two_workers_give_the_same_pixels(tmp_path, source):
     assert preprocess.main([str(source), str(tmp_path / "one"), "--workers", "1", "--quiet"]) == 0
     assert preprocess.main([str(source), str(tmp_path / "two"), "--workers", "2", "--quiet"]) == 0
     one, two = _tree_digest(tmp_path / "one"), _tree_digest(tmp_path / "two")
-    one.pop(preprocess.MANIFEST), two.pop(preprocess.MANIFEST)
+    one.pop(MANIFEST), two.pop(MANIFEST)
     assert one == two
 
 

@@ -91,7 +91,8 @@ def test_missing_manifest_is_a_one_line_error(tmp_path, capsys):
 def test_classifier_learns_phantoms_resumes_and_loads(tmp_path):
     from bone_r.contract import Contract, harmonize
     from bone_r.image import load_image
-    from train_mura_cls import load_classifier, main
+    from models.classifier import load_classifier
+    from train_mura_cls import main
 
     manifest = mura_manifest(tmp_path / "mura", n=64)
     runs = tmp_path / "runs"
