@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from bone_r import site
-from bone_r.card import load_model_card
+from bone_r.card import DEFAULT_IMGSZ, ModelCard, load_model_card
 from bone_r.dataset import EvaluationError, load_ground_truth
 from bone_r.image import list_images, load_image
 from bone_r.metrics import jsonable, run_evaluation
@@ -117,7 +117,7 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
     """(benchmark row, full evaluate report) for one model."""
 
     predictor = predictor or build_predictor(spec, device)
-    card_thresholds = (predictor.card or {}).get("thresholds")
+    card_thresholds = predictor.card.thresholds if predictor.card else None
     try:
         report = run_evaluation(predictor, data, split, val_split, thresholds=card_thresholds or None,
                                          threshold_source="model_card", n_boot=n_boot, seed=seed, progress=progress, keep_records=True)
@@ -134,8 +134,8 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
 def row_from_card(spec: ModelSpec, splits_sha256: str | None, split: str = "test", device: str = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
     """(benchmark row, the card's metrics) from the test metrics `evaluate.py --write-card` stored in the model's card,
     without predicting again. Refused unless the card was scored on `split` of this very dataset (splits.csv hash)."""
-    card = load_model_card(spec.weights) or {}
-    metrics = card.get("metrics")
+    card = load_model_card(spec.weights) or ModelCard()
+    metrics = card.metrics
     evaluate_first = (f"run: python evaluate.py --weights {display_path(spec.weights)} --data <dataset.yaml> "
                       f"--write-card")
     if not metrics:
@@ -300,7 +300,7 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
         row |= {"stages_ms": time_pipeline(predictor, images, warmup, repeats)}
         if plain_ultralytics and spec.weights.suffix == ".pt" and str(predictor.name).startswith("yolo"):
             conf, _ = resolve_threshold("balanced", predictor.card)
-            imgsz = int((predictor.card or {}).get("imgsz") or getattr(predictor.detector, "imgsz", 640))
+            imgsz = predictor.settings.imgsz or getattr(predictor.detector, "imgsz", None) or DEFAULT_IMGSZ
             row["plain_ultralytics_ms"] = time_plain_ultralytics(spec.weights, images, conf, imgsz, device, warmup, repeats)
             if baseline is None:
                 baseline = (spec.name, row["plain_ultralytics_ms"]["end_to_end"]["median"])

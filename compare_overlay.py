@@ -32,7 +32,7 @@ from typing import Any
 
 import inference
 from bone_r import DISCLAIMER, site
-from bone_r.contract import to_uint8
+from bone_r.contract import fit_long_side, to_uint8
 from bone_r.dataset import EvaluationError, truth_for
 from bone_r.detection import Detection, RecordError, detections_from_record, find_record, load_records
 from bone_r.draw import encode_png, render
@@ -143,11 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 def _site_image(loaded: LoadedImage, max_side: int) -> bytes:
     import cv2
 
-    gray = to_uint8(loaded.pixels)
-    h, w = gray.shape
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    gray = fit_long_side(to_uint8(loaded.pixels), max_side)
     ok, buf = cv2.imencode(".png", gray)
     if not ok:
         raise RuntimeError("PNG encoding failed")

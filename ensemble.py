@@ -46,7 +46,6 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.card import load_model_card
-from bone_r.contract import Contract
 from bone_r.dataset import EvaluationError, load_ground_truth
 from bone_r.detection import load_records
 from bone_r.fusion import (
@@ -219,8 +218,8 @@ def _run(args: argparse.Namespace) -> int:
                 raise EnsembleError(f"cannot load the classifier code (models.classifier.load_classifier): {err}") from None
             # The classifier sees what it saw in training: the contract on its card (same stem, .json), if any.
             try:
-                card = load_model_card(args.classifier) or {}
-                contract = Contract.from_dict(card["contract"]) if card.get("contract") else None
+                card = load_model_card(args.classifier)
+                contract = card.contract if card else None
             except ValueError as err:
                 raise EnsembleError(f"classifier card: {err}") from None
             try:

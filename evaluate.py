@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
                 raise EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
-            card_thresholds = (predictor.card or {}).get("thresholds")
+            card_thresholds = predictor.card.thresholds if predictor.card else None
             if thresholds is None and card_thresholds and not (args.write_card or args.choose_on_val or args.box_rule == "choose"):
                 thresholds, source = card_thresholds, "model_card"
             predictions: Any = predictor

@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from bone_r import DISCLAIMER
-from bone_r.card import load_model_card
+from bone_r.card import ModelCard, load_model_card, resolve
 from bone_r.contract import Contract, harmonize, scale_boxes
-from bone_r.detection import CSV_FIELDS, BoxRule, Detection, Prediction, csv_rows, guess_type_and_severity
+from bone_r.detection import CSV_FIELDS, Detection, Prediction, csv_rows, guess_type_and_severity
 from bone_r.draw import encode_png, overlay_for
 from bone_r.image import (
     DEFAULT_MAX_MEMORY,
@@ -78,34 +78,30 @@ class Predictor:
         contract: Contract | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         detector: Any = None,
-        card: dict[str, Any] | None = None,
+        card: ModelCard | dict[str, Any] | None = None,
+        imgsz: int | None = None,
     ):
         self.max_pixels = max_pixels
+        if isinstance(card, dict):
+            card = ModelCard.from_dict(card)
         if detector is not None:  # injected (tests, the ensemble)
             self.weights = Path(weights) if weights else None
             self.card = card
-            self.detector = detector
         else:
-            from models import build_detector, infer_backend
-
             self.weights = Path(weights) if weights else default_weights()
             if not self.weights.is_file():
                 raise FileNotFoundError(f"weights not found: {self.weights}")
             self.card = card if card is not None else load_model_card(self.weights)
-            name = backend or infer_backend(self.weights, self.card)
-            imgsz = (self.card or {}).get("imgsz")
-            kwargs = {"device": device}
-            if imgsz:
-                kwargs["imgsz"] = int(imgsz)
-            self.detector = build_detector(name, self.weights, **kwargs)
-        card_contract = (self.card or {}).get("contract")
-        if contract is not None:
-            self.contract = contract
-        elif card_contract:
-            self.contract = Contract.from_dict(card_contract)
-        else:
-            self.contract = Contract()
-        self.box_rule = BoxRule.from_dict((self.card or {}).get("box_rule"))
+        # explicit arguments, then the card, then the defaults: the backend is handed the resolved size
+        self.settings = resolve(self.card, imgsz=imgsz, contract=contract)
+        if detector is None:
+            from models import build_detector, infer_backend
+
+            detector = build_detector(backend or infer_backend(self.weights, self.card), self.weights, device=device,
+                                      imgsz=self.settings.imgsz)
+        self.detector = detector
+        self.contract = self.settings.contract
+        self.box_rule = self.settings.box_rule
 
     @property
     def name(self) -> str:

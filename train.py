@@ -39,6 +39,7 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.card import (
+    DEFAULT_IMGSZ,
     base_card,
     card_path_for,
     write_card,
@@ -254,7 +255,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="yolov8n.pt", help="a .pt (local or Ultralytics name) or an architecture .yaml")
     p.add_argument("--allow-scratch", action="store_true", help="if a named .pt cannot be fetched, train its .yaml from scratch")
     p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=int, default=DEFAULT_IMGSZ)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--workers", type=int, default=2, help="data loader workers (the machine has 2 cores)")
     p.add_argument("--device", default="cpu", help="cpu, 0, 0,1,2,3 (Ultralytics DDP)")

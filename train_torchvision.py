@@ -37,7 +37,7 @@ import numpy as np
 
 from bone_r import DISCLAIMER
 from bone_r.card import base_card, write_card
-from bone_r.contract import to_uint8
+from bone_r.contract import fit_long_side, scale_boxes, to_uint8
 from bone_r.dataset import load_dataset
 from bone_r.image import load_image
 from bone_r.metrics import box_metrics
@@ -106,7 +106,6 @@ class DetectionSet:
 
     def gray(self, item: Any) -> np.ndarray:
         """uint8 grayscale of the tree image, long side downscaled to imgsz (never upscaled)."""
-        import cv2
 
         cached = self._cache_file(item.path)
         if cached is not None and cached.is_file():
@@ -114,11 +113,7 @@ class DetectionSet:
                 return np.load(cached, allow_pickle=False)
             except (OSError, ValueError):  # a torn or foreign file: rebuild it
                 pass
-        gray = to_uint8(load_image(item.path).pixels)
-        h, w = gray.shape[:2]
-        scale = min(1.0, self.imgsz / max(h, w))
-        if scale < 1.0:
-            gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        gray = fit_long_side(to_uint8(load_image(item.path).pixels), self.imgsz)  # the backends' resize, to the pixel
         if cached is not None:
             tmp = cached.with_name(f"{cached.stem}.{os.getpid()}.tmp.npy")
             np.save(tmp, gray, allow_pickle=False)
@@ -134,10 +129,8 @@ class DetectionSet:
 
         item = self.items[index]
         rgb = cv2.cvtColor(self.gray(item), cv2.COLOR_GRAY2RGB)
-        scale = rgb.shape[1] / item.width
-        sx, sy = rgb.shape[1] / item.width, rgb.shape[0] / item.height
-        boxes = np.asarray(item.boxes, np.float64).reshape(-1, 4) * np.array([sx, sy, sx, sy])
-        return rgb, boxes, scale
+        boxes = scale_boxes(item.boxes, (item.width, item.height), (rgb.shape[1], rgb.shape[0]))
+        return rgb, boxes, rgb.shape[1] / item.width
 
     def __getitem__(self, index: int):
         import torch

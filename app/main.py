@@ -54,6 +54,7 @@ import inference
 from app import places
 from app.schemas import DetectResponse, ErrorResponse, HealthResponse
 from bone_r import DISCLAIMER
+from bone_r.card import ModelCard
 from bone_r.detection import Prediction
 from bone_r.draw import encode_png, overlay_for
 from bone_r.image import (
@@ -225,16 +226,12 @@ def _warm_up(predictor: inference.Predictor) -> None:
 
 def card_summary(predictor: inference.Predictor) -> dict[str, Any]:
     """What /health shows of the model card; built at startup, so a malformed card fails there, not per request."""
-    card = predictor.card or {}
-    classes = card.get("classes") or card.get("names") or ["fracture"]
-    if isinstance(classes, dict):  # Ultralytics' {index: name}
-        classes = list(classes.values())
-    imgsz = card.get("imgsz")
+    card = predictor.card or ModelCard()
     return {
         "present": predictor.card is not None,
-        "name": str(card["name"]) if card.get("name") is not None else None,
-        "classes": [str(c) for c in classes],
-        "imgsz": int(imgsz) if imgsz is not None else None,
+        "name": card.name,
+        "classes": list(card.classes),
+        "imgsz": card.imgsz,
         "thresholds": {m: dict(zip(("threshold", "source"), predictor.threshold(m))) for m in MODES},
         "contract": predictor.contract.to_dict(),
     }
@@ -613,7 +610,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
     )
     async def detect(
         request: Request,
-        mode: Literal["screening", "balanced", "specific"] = Query(
+        mode: Literal[MODES] = Query(
             "balanced", description="operating point: thresholds chosen on the validation split (model card)"),
         conf: float | None = Query(None, ge=0, le=1, allow_inf_nan=False,
                                    description="score threshold in [0, 1]; overrides `mode`"),

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bone_r.modes import MODES
+
 DISCLAIMER_EXAMPLE = (
     "Bone-R is a research and teaching tool, not a medical device and not a diagnosis. "
     "A clinician must read every radiograph."
@@ -93,7 +95,7 @@ class DetectResponse(BaseModel):
     filename: str
     image: ImageInfo
     image_size: list[int] = Field(min_length=2, max_length=2, description="[width, height] of the original image")
-    mode: Literal["screening", "balanced", "specific"]
+    mode: Literal[MODES]
     threshold: float
     threshold_source: str = Field(description="conf (the caller's), model_card, or fallback (no card)")
     fracture_detected: bool

@@ -4,26 +4,46 @@ threshold) and how a threshold is resolved for a mode. Research and teaching too
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from bone_r.dataset import EvaluationError
 
-MODES = ("screening", "balanced", "specific")
+
+@dataclass(frozen=True)
+class Mode:
+    """An operating mode: how its threshold is chosen on the validation split (`choose_operating_points`) and the
+    threshold used when a model has no card (`fallback`: deliberately generic, documented, and reported as
+    "fallback" wherever a threshold is shown).
+
+    `target` names the image-level rate the mode guarantees on val: ``sensitivity`` (the most conservative threshold
+    reaching the target sensitivity), ``specificity`` (the least conservative reaching the target specificity), or
+    None (Youden's J: sensitivity + specificity - 1 at its highest)."""
+
+    name: str
+    fallback: float
+    target: str | None
+    description: str
 
 
-# Used only when a model has no card: deliberately generic, documented, and reported
-# as "fallback" wherever a threshold is shown.
-FALLBACK_THRESHOLDS = {"screening": 0.10, "balanced": 0.25, "specific": 0.50}
+# The one registry of operating modes: every CLI choice, the service, the model card and the reports read it.
+REGISTRY: dict[str, Mode] = {m.name: m for m in (
+    Mode("screening", 0.10, "sensitivity", "more sensitive: the target sensitivity on val"),
+    Mode("balanced", 0.25, None, "Youden's J on val"),
+    Mode("specific", 0.50, "specificity", "fewer false alarms: the target specificity on val"),
+)}
+MODES = tuple(REGISTRY)
+FALLBACK_THRESHOLDS = {name: mode.fallback for name, mode in REGISTRY.items()}
 
 
-def resolve_threshold(mode: str, card: dict[str, Any] | None = None, conf: float | None = None) -> tuple[float, str]:
+def resolve_threshold(mode: str, card: Any = None, conf: float | None = None) -> tuple[float, str]:
     """(threshold, where it came from) for an operating mode.
 
-    ``conf`` overrides the mode. Otherwise the model card's
-    ``thresholds[mode]`` (chosen on the validation split), else
-    `FALLBACK_THRESHOLDS`. An unknown mode is an error, never a silent default.
+    ``conf`` overrides the mode. Otherwise the model card's (`bone_r.card.ModelCard`)
+    ``thresholds[mode]`` (chosen on the validation split), else the mode's
+    fallback. An unknown mode is an error, never a silent default.
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
@@ -32,11 +52,11 @@ def resolve_threshold(mode: str, card: dict[str, Any] | None = None, conf: float
         if not 0.0 <= conf <= 1.0:
             raise ValueError(f"conf must lie in [0, 1], got {conf}")
         return conf, "conf"
-    thresholds = (card or {}).get("thresholds") or {}
+    thresholds = getattr(card, "thresholds", None) or {}
     if mode in thresholds:
         entry = thresholds[mode]
         return float(entry["threshold"] if isinstance(entry, dict) else entry), "model_card"
-    return FALLBACK_THRESHOLDS[mode], "fallback"
+    return REGISTRY[mode].fallback, "fallback"
 
 
 DEFAULT_TARGET_SENSITIVITY = 0.95
@@ -55,7 +75,7 @@ def _sens_spec_at(labels: np.ndarray, scores: np.ndarray, taus: np.ndarray) -> t
 
 def choose_operating_points(labels: Sequence[Any], scores: Sequence[float], target_sensitivity: float = DEFAULT_TARGET_SENSITIVITY,
                             target_specificity: float = DEFAULT_TARGET_SPECIFICITY) -> dict[str, dict[str, Any]]:
-    """screening / balanced / specific thresholds from image-level labels and scores (see the module doc).
+    """Each mode's threshold (`REGISTRY`: screening / balanced / specific) from image-level labels and scores.
 
     Candidates are the observed positive scores plus one just above the highest score;
     images without detections (score 0) are never predicted positive.
@@ -79,17 +99,17 @@ def choose_operating_points(labels: Sequence[Any], scores: Sequence[float], targ
         return {"threshold": float(cands[i]), "source": "val", "target": target, "val_sensitivity": round(float(sens[i]), 6),
                 "val_specificity": round(float(spec[i]), 6), "target_reached": bool(reached)}
 
-    # Unreachable target: the best achievable value, at the most conservative tau giving it.
-    reached = bool((sens >= target_sensitivity - 1e-12).any())
-    ok = np.nonzero(sens >= (target_sensitivity if reached else sens.max()) - 1e-12)[0]
-    screening = entry(int(ok.max()), target_sensitivity, reached)
-    youden = sens + spec - 1.0
-    best = np.nonzero(youden >= youden.max() - 1e-12)[0]
-    balanced = entry(int(best.max()), None, True)
-    reached = bool((spec >= target_specificity - 1e-12).any())
-    ok = np.nonzero(spec >= (target_specificity if reached else spec.max()) - 1e-12)[0]
-    specific = entry(int(ok.min()), target_specificity, reached)
-    return {"screening": screening, "balanced": balanced, "specific": specific}
+    def choose(mode: Mode) -> dict[str, Any]:
+        if mode.target is None:  # Youden's J, the most conservative tau giving its maximum
+            youden = sens + spec - 1.0
+            return entry(int(np.nonzero(youden >= youden.max() - 1e-12)[0].max()), None, True)
+        # Unreachable target: the best achievable value, at the most conservative tau giving it.
+        rate, target = (sens, target_sensitivity) if mode.target == "sensitivity" else (spec, target_specificity)
+        reached = bool((rate >= target - 1e-12).any())
+        ok = np.nonzero(rate >= (target if reached else rate.max()) - 1e-12)[0]
+        return entry(int(ok.max() if mode.target == "sensitivity" else ok.min()), target, reached)
+
+    return {name: choose(mode) for name, mode in REGISTRY.items()}
 
 
 def normalize_operating_points(thresholds: dict[str, Any], source: str = "given") -> dict[str, dict[str, Any]]:

@@ -12,6 +12,8 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+from bone_r.card import ModelCard
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -55,7 +57,7 @@ def build_detector(name: str, weights: str | Path, **kwargs: Any) -> Detector:
     return factory(weights, **kwargs)
 
 
-def infer_backend(weights: str | Path, card: dict[str, Any] | None = None) -> str:
+def infer_backend(weights: str | Path, card: ModelCard | None = None) -> str:
     """The backend for a weights file: an ONNX file or a torchvision checkpoint names its own kind (the card
     beside it may describe the bundle's ONNX export, e.g. weights/bone-r-default.{onnx,pth}); else the card's word,
     then the file type."""
@@ -66,8 +68,8 @@ def infer_backend(weights: str | Path, card: dict[str, Any] | None = None) -> st
         from models.torchvision_det import checkpoint_arch
 
         return checkpoint_arch(weights)
-    if card and card.get("backend"):
-        return str(card["backend"])
+    if card and card.backend:
+        return str(card.backend)
     if suffix == ".pt":
         return "yolo"
     raise ValueError(f"cannot tell the backend of {weights}; pass --backend ({', '.join(available_backends())})")

@@ -10,10 +10,11 @@ import json
 import os
 import shutil
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from bone_r import DISCLAIMER
-from bone_r.card import card_path_for, load_model_card
+from bone_r.card import DEFAULT_IMGSZ, ModelCard, card_path_for, load_model_card, write_card
 from bone_r.contract import Contract
 from bone_r.runs import display_path, sha256_file
 
@@ -58,15 +59,15 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, imgsz: in
                         store_fp16=store_fp16)
 
 
-def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | None) -> tuple[dict, Path]:
+def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | None) -> tuple[ModelCard, Path]:
     """The weights' card (a copy, with `contract` if given) and the checked output path."""
     card = load_model_card(weights)
     if card is None and contract is None:
         raise ExportError(f"no model card {card_path_for(weights).name} beside {weights}: pass --contract to state the "
                           "harmonization contract the model was trained with")
-    card = dict(card or {"name": weights.stem, "classes": ["fracture"], "disclaimer": DISCLAIMER})
+    card = replace(card, extra=dict(card.extra)) if card else ModelCard(name=weights.stem, extra={"disclaimer": DISCLAIMER})
     if contract is not None:
-        card["contract"] = contract.to_dict()
+        card.contract = contract
     out = Path(out) if out else default_out(weights)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must end in .onnx, got {out}")
@@ -205,16 +206,17 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
     return out
 
 
-def _write_export_card(card: dict, weights: Path, out: Path, proto, *, imgsz: int, source_backend: str,
+def _write_export_card(card: ModelCard, weights: Path, out: Path, proto, *, imgsz: int, source_backend: str,
                        fp16: dict | None, **details) -> None:
     """Write `out`'s card: the weights' card with backend onnx and an `export` record (`details` are the exporter's)."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    card.update(backend="onnx", imgsz=imgsz, export={
+    card.backend, card.imgsz = "onnx", imgsz
+    card.extra["export"] = {
         "from": display_path(weights), "from_sha256": sha256_file(weights), "format": "onnx",
         "source_backend": source_backend, "imgsz": imgsz, "opset": opset, **details, **_storage_card(fp16),
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")})
-    card.setdefault("disclaimer", DISCLAIMER)
-    card_path_for(out).write_text(json.dumps(card, indent=2) + "\n")
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    card.extra.setdefault("disclaimer", DISCLAIMER)
+    write_card(out, card, keep_results=False)
 
 
 def _store_fp16_or_fail(proto, out: Path) -> dict:
@@ -266,7 +268,7 @@ def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | N
     """Export an Ultralytics .pt. The export runs on a copy in a temporary folder, so nothing is written beside the input."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     card, out = _card_and_out(weights, out, contract)
-    imgsz = int(imgsz or card.get("imgsz") or 640)
+    imgsz = int(imgsz or card.imgsz or DEFAULT_IMGSZ)
     if imgsz % 32:
         raise ExportError(f"imgsz must be a multiple of 32, got {imgsz}")
     from ultralytics import YOLO

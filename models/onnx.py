@@ -42,6 +42,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from bone_r.card import DEFAULT_IMGSZ
+from bone_r.contract import fit_long_side, scale_boxes
 from bone_r.detection import Detection
 
 MAX_WH = 7680  # Ultralytics' per-class offset for class-aware NMS
@@ -197,7 +199,7 @@ class OnnxDetector:
         if self.static_hw:
             self.imgsz = self.static_hw
         else:
-            size = imgsz or (meta_imgsz[0] if isinstance(meta_imgsz, (list, tuple)) else meta_imgsz) or 640
+            size = imgsz or (meta_imgsz[0] if isinstance(meta_imgsz, (list, tuple)) else meta_imgsz) or DEFAULT_IMGSZ
             self.imgsz = (int(size), int(size))
         self.iou, self.max_det = float(iou), int(max_det)
 
@@ -307,9 +309,7 @@ class OnnxDetector:
         h, w = rgb.shape[:2]
         gray = np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2])
         src = rgb[..., 0] if gray else rgb
-        scale = min(1.0, self.imgsz / max(h, w))
-        if scale < 1.0:
-            src = cv2.resize(src, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        src = fit_long_side(src, self.imgsz)  # `TorchvisionDetector.predict`'s and the trainer's resize
         ih, iw = src.shape[:2]
         factor = min(self.imgsz / min(ih, iw), self.imgsz / max(ih, iw))  # torchvision's eager arithmetic (float64)
         oh, ow = math.floor(float(ih) * factor), math.floor(float(iw) * factor)
@@ -334,10 +334,7 @@ class OnnxDetector:
         boxes = (boxes.astype(np.float32) * ratio).astype(np.float64)
         h, w = rgb.shape[:2]
         keep = (labels >= 1) & (scores >= conf)
-        sx, sy = w / iw, h / ih
-        boxes = boxes[keep] * np.array([sx, sy, sx, sy])
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        boxes = scale_boxes(boxes[keep], (iw, ih), (w, h))
         names = [self.classes[min(int(lab) - 1, len(self.classes) - 1)] for lab in labels[keep]]
         return [Detection(tuple(b), min(max(float(s), 0.0), 1.0), n, self.name)
                 for b, s, n in zip(boxes, scores[keep], names)]

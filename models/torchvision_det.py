@@ -17,11 +17,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
+from bone_r.contract import fit_long_side, scale_boxes
 from bone_r.detection import Detection
 from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
@@ -177,20 +177,14 @@ class TorchvisionDetector:
         if rgb.ndim != 3 or rgb.shape[2] != 3:
             raise ValueError(f"expected an RGB image (H, W, 3), got shape {rgb.shape}")
         h, w = rgb.shape[:2]
-        scale = min(1.0, self.imgsz / max(h, w))
-        image = rgb
-        if scale < 1.0:  # as the training loader did: area-downscale first, the model then sees the same pixels
-            image = cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        image = fit_long_side(rgb, self.imgsz)  # as the training loader did: the model then sees the same pixels
         tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0).to(self.device)
         out = self.model([tensor])[0]
         boxes = out["boxes"].cpu().numpy().astype(np.float64)
         scores = out["scores"].cpu().numpy().astype(np.float64)
         labels = out["labels"].cpu().numpy()
         keep = (labels >= 1) & (scores >= conf)
-        sx, sy = w / image.shape[1], h / image.shape[0]
-        boxes = boxes[keep] * np.array([sx, sy, sx, sy])
-        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, w)
-        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, h)
+        boxes = scale_boxes(boxes[keep], (image.shape[1], image.shape[0]), (w, h))
         names = [self.classes[min(int(lab) - 1, len(self.classes) - 1)] for lab in labels[keep]]
         return [Detection(tuple(b), min(max(float(s), 0.0), 1.0), n, self.name) for b, s, n in zip(boxes, scores[keep], names)]
 

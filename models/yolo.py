@@ -13,12 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from bone_r.card import DEFAULT_IMGSZ
 from bone_r.detection import Detection
 
 
 class YoloDetector:
     def __init__(self, weights: str | Path, device: str = "cpu", imgsz: int | None = None, iou: float = 0.7, max_det: int = 300):
-        """`imgsz`: the card's; else the size the checkpoint was trained at (as Ultralytics' own val() uses), else 640."""
+        """`imgsz`: resolved by `bone_r.card.resolve` (explicit, then the card); None: the size the checkpoint was trained
+        at (as Ultralytics' own val() uses), else `bone_r.card.DEFAULT_IMGSZ`."""
         os.environ.setdefault("YOLO_OFFLINE", "1")
         from ultralytics import YOLO
 
@@ -27,7 +29,7 @@ class YoloDetector:
             raise FileNotFoundError(f"YOLO weights not found: {path}")
         self.model = YOLO(str(path), task="detect")
         trained = (getattr(self.model, "overrides", None) or {}).get("imgsz")
-        imgsz = imgsz or (trained if isinstance(trained, int) else None) or 640
+        imgsz = imgsz or (trained if isinstance(trained, int) else None) or DEFAULT_IMGSZ
         self.device, self.imgsz, self.iou, self.max_det = device, int(imgsz), iou, max_det
         self.name = f"yolo:{path.stem}"
         names = getattr(self.model, "names", None) or {0: "fracture"}

@@ -39,7 +39,7 @@ import sys
 from pathlib import Path
 
 from bone_r import DISCLAIMER
-from bone_r.card import card_path_for, load_model_card
+from bone_r.card import DEFAULT_IMGSZ, ModelCard, card_path_for, load_model_card
 from bone_r.contract import Contract
 from bone_r.runs import set_threads
 from inference import check_against_pytorch
@@ -60,7 +60,7 @@ def _bench_worker(conn, kind: str, weights: str, threads: int, conf: float) -> N
     if kind == "ultralytics":
         from ultralytics import YOLO
 
-        imgsz = int((load_model_card(weights) or {}).get("imgsz", 640))
+        imgsz = int((load_model_card(weights) or ModelCard()).imgsz or DEFAULT_IMGSZ)
         model = YOLO(weights, task="detect")
 
         def once(path: str) -> dict[str, float]:

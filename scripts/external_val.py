@@ -84,8 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
         if args.thresholds:
             ops = load_thresholds_file(args.thresholds)
-        elif predictor is not None and (predictor.card or {}).get("thresholds"):
-            ops = normalize_operating_points(predictor.card["thresholds"], "model_card")
+        elif predictor is not None and predictor.card and predictor.card.thresholds:
+            ops = normalize_operating_points(predictor.card.thresholds, "model_card")
         else:
             raise EvaluationError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
                                            "validation split first, or pass --thresholds CARD.json (never chosen on external data)")

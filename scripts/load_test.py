@@ -20,6 +20,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bone_r.modes import MODES
 from scripts.service_harness import RADIOGRAPH_SIZES, LocalServer, add_server_args, percentile, radiograph_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +33,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=8, help="concurrent clients")
     p.add_argument("--warmup", type=int, default=16, help="requests before the RSS baseline")
     p.add_argument("--images", type=int, default=4, help="distinct radiograph-sized PNGs")
-    p.add_argument("--mode", default="balanced", choices=["screening", "balanced", "specific"])
+    p.add_argument("--mode", default="balanced", choices=MODES)
     p.add_argument("--timeout-s", type=float, default=300.0, help="per-request client timeout")
     p.add_argument("--max-rss-growth", type=float, default=0.10, help="allowed RSS growth after warm-up (fraction)")
     p.add_argument("--json", type=Path, default=None, help="write the report here")

@@ -53,7 +53,7 @@ import numpy as np
 import inference
 from bone_r import DISCLAIMER, site
 from bone_r.card import card_path_for
-from bone_r.contract import to_uint8
+from bone_r.contract import fit_long_side, to_uint8
 from bone_r.dataset import EvaluationError, GroundTruth, GTImage, load_ground_truth
 from bone_r.detection import Detection
 from bone_r.draw import PALETTE
@@ -260,11 +260,7 @@ def choose(pool: Sequence[Case], n: int, predict: Callable[[Case], None], balanc
 
 def display_copy(loaded: LoadedImage, max_side: int, quality: int) -> tuple[bytes, tuple[int, int]]:
     """An 8-bit grayscale JPEG of the radiograph, long side <= max_side (never enlarged)."""
-    gray = to_uint8(loaded.pixels)
-    h, w = gray.shape
-    if max(h, w) > max_side:
-        scale = max_side / max(h, w)
-        gray = cv2.resize(gray, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+    gray = fit_long_side(to_uint8(loaded.pixels), max_side)
     ok, buf = cv2.imencode(".jpg", gray, [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_OPTIMIZE, 1])
     if not ok:
         raise RuntimeError("JPEG encoding failed")
@@ -400,7 +396,7 @@ def _run(args: argparse.Namespace) -> int:
 
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    model_name = str((predictor.card or {}).get("name") or predictor.name)
+    model_name = str((predictor.card.name if predictor.card else None) or predictor.name)
     entries, names = [], []
     for i, (case, (jpeg, display)) in enumerate(zip(cases, copies), 1):
         name = file_name(case)

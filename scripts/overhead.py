@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bone_r.contract import harmonize
 from bone_r.image import load_image
+from bone_r.modes import MODES
 from scripts.service_harness import LocalServer, add_server_args, percentile, radiograph_pngs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=4, help="distinct radiograph-sized PNGs")
     p.add_argument("--repeats", type=int, default=8, help="timed calls per image and side")
     p.add_argument("--warmup", type=int, default=3, help="untimed calls per side first")
-    p.add_argument("--mode", default="balanced", choices=["screening", "balanced", "specific"])
+    p.add_argument("--mode", default="balanced", choices=MODES)
     p.add_argument("--max-overhead", type=float, default=0.20, help="allowed (detect - predict) / predict at p50")
     p.add_argument("--json", type=Path, default=None, help="write the report here")
     return p

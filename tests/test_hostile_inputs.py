@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from test_service import assert_error, make_client, post
 
+import bone_r.image
 import inference
 from bone_r.image import OVERLAY_BYTES_PER_PIXEL, ImageDecodeError, load_image
 from bone_r.synthetic import encode, make_phantom
@@ -217,7 +218,7 @@ def test_folder_odd_entries_are_reported_not_fatal(tmp_path, weights, capsys, mo
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(inference, "open", locked_open, raising=False)
+    monkeypatch.setattr(bone_r.image, "open", locked_open, raising=False)  # where folders are scanned
     rc = inference.main(["--image", str(folder), "--weights", str(weights), "--json", str(tmp_path / "r.json"),
                          "--csv", str(tmp_path / "r.csv")])
     err = capsys.readouterr().err
