@@ -20,7 +20,7 @@ import pytest
 
 import evaluate as ev
 import inference
-from bone_r.card import update_model_card
+from bone_r.card import ModelCard, update_model_card
 from bone_r.contract import Contract, harmonize
 from bone_r.dataset import IDENTITY_CONTRACT, EvaluationError, GroundTruth, GTImage, load_ground_truth
 from bone_r.detection import BoxRule, Detection, ImagePrediction, match_predictions
@@ -637,7 +637,7 @@ def test_update_model_card_preserves_other_keys(tmp_path):
     assert card["thresholds"]["balanced"] == {"threshold": 0.6, "val_sensitivity": 0.8, "val_specificity": 0.9,
                                               "target_reached": True, "chosen_on": "val"}
     assert card["thresholds"]["screening"]["target"] == 0.95
-    assert resolve_threshold("specific", card) == (0.9, "model_card")
+    assert resolve_threshold("specific", ModelCard.from_dict(card)) == (0.9, "model_card")
     m = card["metrics"]
     assert m["box"]["map50"] == 1.0 and m["n_images"] == 2 and m["split"] == "test"
     assert m["image_level"]["balanced"]["sensitivity"]["value"] == 1.0

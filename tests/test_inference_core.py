@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import inference
+from bone_r.card import ModelCard
 from bone_r.contract import Contract, harmonize, harmonized_size, scale_boxes
 from bone_r.detection import BoxRule, Detection, Prediction, guess_type_and_severity
 from bone_r.draw import overlay_for
@@ -124,7 +125,7 @@ def test_hints_follow_the_documented_table(box, score, kind, severity):
 
 
 def test_thresholds_from_card_then_fallback_then_conf():
-    card = {"thresholds": {"screening": {"threshold": 0.05}, "balanced": {"threshold": 0.3}}}
+    card = ModelCard.from_dict({"thresholds": {"screening": {"threshold": 0.05}, "balanced": {"threshold": 0.3}}})
     assert resolve_threshold("screening", card) == (0.05, "model_card")
     assert resolve_threshold("specific", card) == (FALLBACK_THRESHOLDS["specific"], "fallback")
     assert resolve_threshold("balanced", None) == (FALLBACK_THRESHOLDS["balanced"], "fallback")
@@ -153,7 +154,7 @@ def test_infer_backend():
 
     assert infer_backend("a/best.onnx") == "onnx"
     assert infer_backend("a/best.pt") == "yolo"
-    assert infer_backend("a/x.bin", {"backend": "fcos"}) == "fcos"
+    assert infer_backend("a/x.bin", ModelCard(backend="fcos")) == "fcos"
     with pytest.raises(ValueError, match="--backend"):
         infer_backend("a/model.bin")
 

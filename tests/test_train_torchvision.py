@@ -233,7 +233,7 @@ def test_resize_cache_gives_the_decoded_pixels_and_survives_a_torn_file(tmp_path
 def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
     from bone_r.runs import ThreadGovernor
 
-    monkeypatch.setattr("available_cores", lambda: 2)
+    monkeypatch.setattr("bone_r.runs.available_cores", lambda: 2)
     fixed = ThreadGovernor(1, every=1)
     gov = ThreadGovernor(None, every=1)
     assert fixed.threads == 1 and gov.threads == 2
