@@ -1,17 +1,15 @@
-"""Response models of the Bone-R service (they make the OpenAPI schema complete)."""
+"""Response models of the Bone-R service (they make the OpenAPI schema complete), and the /detect answer built from
+the Prediction (`detect_response`)."""
 
 from __future__ import annotations
 
+import base64
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from bone_r import DISCLAIMER
 from bone_r.modes import MODES
-
-DISCLAIMER_EXAMPLE = (
-    "Bone-R is a research and teaching tool, not a medical device and not a diagnosis. "
-    "A clinician must read every radiograph."
-)
 
 
 class ErrorResponse(BaseModel):
@@ -122,7 +120,7 @@ class DetectResponse(BaseModel):
                       "note": "Best guess from the box's shape, size and score only; not a diagnosis."},
         }],
         "consult": {"level": "routine-review", "text": "Bone-R flagged a possible fracture. Have a clinician review this radiograph."},
-        "disclaimer": DISCLAIMER_EXAMPLE,
+        "disclaimer": DISCLAIMER,
         "nearby_clinics": {"available": False, "reason": "no location was given (lat and lng)"},
         "model": {"backend": "onnx", "detector": "onnx:bone-r-default", "weights": "bone-r-default.onnx"},
         "timings_ms": {"read_ms": 4.1, "queue_ms": 0.2, "decode_ms": 61.0, "harmonize_ms": 9.8, "model_ms": 88.5,
@@ -186,5 +184,25 @@ class HealthResponse(BaseModel):
         "modes": ["screening", "balanced", "specific"],
         "limits": {"max_upload_mb": 32.0, "max_pixels": 100000000, "max_image_memory_mb": 800.0, "max_buffered_mb": 256.0,
                    "max_concurrency": 1, "queue_limit": 16, "upload_timeout_s": 60.0, "analysis_timeout_s": 60.0},
-        "disclaimer": DISCLAIMER_EXAMPLE,
+        "disclaimer": DISCLAIMER,
     }]})
+
+
+def detect_response(prediction: Any, *, consult: dict[str, str], clinics: dict[str, Any], model: dict[str, Any],
+                    more_timings_ms: dict[str, float], overlay_png: bytes | None) -> dict[str, Any]:
+    """The /detect answer (`DetectResponse`): the Prediction's own record (`Prediction.to_record`, what
+    `inference.py --json` writes: image size, mode, threshold and its source, the verdict, the detections, the
+    timings) with what only the service knows: the decoded image's facts, the consult words, nearby clinics, the
+    model, the service's own timings and the overlay."""
+    record = prediction.to_record()
+    return {
+        "filename": record["image"],
+        "image": prediction.meta.to_dict(),
+        **{key: record[key] for key in ("image_size", "mode", "threshold", "threshold_source", "fracture_detected", "detections")},
+        "consult": consult,
+        "disclaimer": DISCLAIMER,
+        "nearby_clinics": clinics,
+        "model": model,
+        "timings_ms": record["timings_ms"] | {k: round(v, 2) for k, v in more_timings_ms.items()},
+        "overlay_png_base64": base64.b64encode(overlay_png).decode("ascii") if overlay_png is not None else None,
+    }

@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from test_places import SECRET, FakePlaces
 
+import app.service as app_service
 import inference
 import models
 from app.main import Settings, create_app
@@ -631,7 +632,7 @@ def test_a_client_that_hangs_up_frees_its_place_and_its_work_is_not_done(tmp_pat
 def test_the_analysis_deadline_answers_503_and_stops_the_work(tmp_path, monkeypatch):
     detector = BlockingDetector()
     overlays = []
-    monkeypatch.setattr(inference, "overlay_for", lambda *a, **k: overlays.append(1) or np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(app_service, "overlay_for", lambda *a, **k: overlays.append(1) or np.zeros((8, 8, 3), np.uint8))
     with make_client(tmp_path, detector=detector, analysis_timeout_s=0.5) as c:
         release = threading.Timer(6, detector.release.set)
         release.start()
