@@ -46,6 +46,7 @@ from bone_r.dataset import EvaluationError, load_ground_truth
 from bone_r.image import list_images, load_image
 from bone_r.metrics import jsonable, run_evaluation
 from bone_r.modes import resolve_threshold
+from bone_r.report import num, with_ci
 from bone_r.runs import display_path, git_commit, set_threads
 from inference import ModelSpec, build_predictor, load_models_yaml, parse_model_spec
 
@@ -205,24 +206,14 @@ def benchmark(specs: list[ModelSpec], data: str | Path, split: str = "test", val
     })
 
 
-def _ci(entry: dict | None) -> str:
-    if not entry or entry.get("value") is None:
-        return "n/a"
-    ci = entry.get("ci")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.2f}-{ci[1]:.2f}]" if ci else "")
-
-
 def format_table(payload: dict[str, Any]) -> str:
-    def num(x, d=3):
-        return "n/a" if x is None else f"{x:.{d}f}"
-
     lines = [f"{payload['split']} split of {payload['data']}: {payload['n_images']} images, {payload['n_positive']} positive "
              f"(commit {payload['commit']})",
              f"{'model':<18} {'backend':<22} {'mAP50':>6} {'mAP50-95':>8} {'tau':>7} {'sens [95% CI]':<20} {'spec [95% CI]':<20} "
              f"{'ms/img':>7} {'params':>10} {'MB':>7}"]
     for r in payload["models"]:
         lines.append(f"{r['name'][:18]:<18} {r['backend'][:22]:<22} {num(r['map50']):>6} {num(r['map50_95']):>8} "
-                     f"{num(r['balanced']['threshold'], 4):>7} {_ci(r['balanced']['sensitivity']):<20} {_ci(r['balanced']['specificity']):<20} "
+                     f"{num(r['balanced']['threshold'], 4):>7} {with_ci(r['balanced']['sensitivity'], ci_digits=2, note=False):<20} {with_ci(r['balanced']['specificity'], ci_digits=2, note=False):<20} "
                      f"{num(r['ms_per_image']['median'], 1):>7} {r['params'] if r['params'] is not None else 'n/a':>10} "
                      f"{num(r['size_mb'], 1):>7}")
     return "\n".join(lines)

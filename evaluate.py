@@ -125,7 +125,7 @@ from bone_r.dataset import EvaluationError, _abspath
 from bone_r.detection import load_records
 from bone_r.metrics import DEFAULT_LOC_IOU, DEFAULT_N_BOOT, DEFAULT_SEED, run_evaluation, ultralytics_crosscheck
 from bone_r.modes import DEFAULT_TARGET_SENSITIVITY, DEFAULT_TARGET_SPECIFICITY
-from bone_r.report import _num, format_report, load_thresholds_file, save_plots, write_report
+from bone_r.report import format_report, load_thresholds_file, num, save_plots, write_report
 from bone_r.runs import set_threads
 
 # --------------------------------------------------------------------------- ground truth
@@ -267,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     if "ultralytics_crosscheck" in report:
         cc = report["ultralytics_crosscheck"]
         d = cc.get("difference_ours_minus_ultralytics", {})
-        print(f"Ultralytics val(): mAP@0.5 {_num(cc['ultralytics']['map50'])}  mAP@0.5:0.95 {_num(cc['ultralytics']['map50_95'])}   "
-              f"ours - theirs: {_num(d.get('map50'), 4)} / {_num(d.get('map50_95'), 4)}")
+        print(f"Ultralytics val(): mAP@0.5 {num(cc['ultralytics']['map50'])}  mAP@0.5:0.95 {num(cc['ultralytics']['map50_95'])}   "
+              f"ours - theirs: {num(d.get('map50'), 4)} / {num(d.get('map50_95'), 4)}")
     plots: list[Path] = []
     if not args.no_plots:
         plots = save_plots(report, args.plots or out.parent, out.stem)

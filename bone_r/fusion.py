@@ -18,6 +18,7 @@ from bone_r.detection import Detection, ImagePrediction, RecordIndex, match_pred
 from bone_r.image import ImageDecodeError, load_image
 from bone_r.metrics import box_metrics, evaluate_predictions, image_scores, roc_auc, run_evaluation
 from bone_r.modes import choose_operating_points
+from bone_r.report import num, with_ci
 
 DEFAULT_IOU_THR = 0.55
 
@@ -319,14 +320,8 @@ def _payload(experiment: str, data: Any, split: str, val_split: str, n_boot: int
 
 
 def format_rows(payload: dict[str, Any]) -> str:
-    def num(x: float | None) -> str:
-        return "n/a" if x is None else f"{x:.3f}"
-
-    def ci(e: dict | None) -> str:
-        if not e or e.get("value") is None:
-            return "n/a"
-        c = e.get("ci")
-        return f"{e['value']:.3f}" + (f" [{c[0]:.2f}-{c[1]:.2f}]" if c else "")
+    def ci(entry: dict | None) -> str:
+        return with_ci(entry, ci_digits=2, note=False)
 
     lines = [f"{payload['experiment']} on {payload['split']} of {payload['data']} (thresholds chosen on {payload['val_split']})",
              f"{'model':<40} {'mAP50':>6} {'mAP50-95':>8} {'AUC':>6} {'tau':>7} {'sens [95% CI]':<20} {'spec [95% CI]':<20} {'loc.sens':>8}"]

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bone_r import site
 from bone_r.dataset import EvaluationError
 from bone_r.detection import BoxRule
@@ -15,15 +17,25 @@ from bone_r.metrics import jsonable
 from bone_r.modes import normalize_operating_points
 
 
-def _fmt(entry: dict[str, Any] | None) -> str:
+def num(x: Any, digits: int = 3) -> str:
+    """The one number format of every table: 'n/a' for None, a float to `digits` places, anything else as is."""
+    if x is None:
+        return "n/a"
+    if isinstance(x, (float, np.floating)):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def with_ci(entry: dict[str, Any] | None, *, ci_digits: int = 3, dash: str = "-", note: bool = True) -> str:
+    """'0.753 [0.690-0.814]' from a metric {'value', 'ci', 'note'} (evaluate.py's rates); without an interval its
+    note in parentheses (`note`), e.g. 'too few (n=3) for an interval'; 'n/a' when undefined."""
     if not entry or entry.get("value") is None:
         return "n/a"
     ci = entry.get("ci")
-    return f"{entry['value']:.3f}" + (f" [{ci[0]:.3f}-{ci[1]:.3f}]" if ci else f" ({entry['note']})" if entry.get("note") else "")
-
-
-def _num(x: float | None, digits: int = 3) -> str:
-    return "n/a" if x is None else f"{x:.{digits}f}"
+    text = f"{entry['value']:.3f}"
+    if ci:
+        return text + f" [{ci[0]:.{ci_digits}f}{dash}{ci[1]:.{ci_digits}f}]"
+    return text + (f" ({entry['note']})" if note and entry.get("note") else "")
 
 
 def _part_table(title: str, parts: dict[str, Any]) -> list[str]:
@@ -32,8 +44,8 @@ def _part_table(title: str, parts: dict[str, Any]) -> list[str]:
     for name, part in parts.items():
         bal = part["image_level"].get("balanced") or next(iter(part["image_level"].values()))
         lines.append(f"{name[:22]:<22} {part['n_images']:>7} {part['n_positive']:>5} {part['n_gt_boxes']:>6} "
-                     f"{_num(part['box']['map50']):>6} {_num(part.get('image_auc')):>6} {_fmt(bal['sensitivity']):<32} "
-                     f"{_fmt(bal['specificity']):<32}")
+                     f"{num(part['box']['map50']):>6} {num(part.get('image_auc')):>6} {with_ci(bal['sensitivity']):<32} "
+                     f"{with_ci(bal['specificity']):<32}")
     return lines
 
 
@@ -44,22 +56,22 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("by_source_radiographs"):
         lines += _part_table("by source, each radiograph once (balanced mode)", report["by_source_radiographs"])
         mean = report["mean_over_sources"]
-        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {_num(mean['map50']['value']):>6} "
-                     f"{_num(mean['image_auc']['value']):>6} {_num(mean['sensitivity']['value']):<32} "
-                     f"{_num(mean['specificity']['value']):<32}")
+        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {num(mean['map50']['value']):>6} "
+                     f"{num(mean['image_auc']['value']):>6} {num(mean['sensitivity']['value']):<32} "
+                     f"{num(mean['specificity']['value']):<32}")
     lines += ["", f"pooled over every source and copy ({report['n_images']} images):",
-              f"box: mAP@0.5 {_num(report['box']['map50'])}  mAP@0.5:0.95 {_num(report['box']['map50_95'])}  "
-              f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {_num(report['image_auc']['roc_auc'])}",
+              f"box: mAP@0.5 {num(report['box']['map50'])}  mAP@0.5:0.95 {num(report['box']['map50_95'])}  "
+              f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {num(report['image_auc']['roc_auc'])}",
               f"{'mode':<10} {'tau':>7} {'from':<10} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6} "
               f"{'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} {'loc.sens':>8} {'boxes/flagged p90':>17}"]
     for mode, res in report["image_level"].items():
         op = report["operating_points"][mode]
         loc = report["localization"].get(mode, {}).get("sensitivity")
         per = (report.get("boxes_per_flagged_image") or {}).get(mode) or {}
-        lines.append(f"{mode:<10} {op['threshold']:>7.4f} {op.get('source', ''):<10} {_fmt(res['sensitivity']):<24} "
-                     f"{_fmt(res['specificity']):<24} {_num(res['ppv']['value']):>6} {_num(res['npv']['value']):>6} "
-                     f"{res['tp']:>5} {res['fp']:>5} {res['tn']:>5} {res['fn']:>5} {_num((loc or {}).get('value')):>8} "
-                     f"{_num(per.get('p90'), 1):>17}")
+        lines.append(f"{mode:<10} {op['threshold']:>7.4f} {op.get('source', ''):<10} {with_ci(res['sensitivity']):<24} "
+                     f"{with_ci(res['specificity']):<24} {num(res['ppv']['value']):>6} {num(res['npv']['value']):>6} "
+                     f"{res['tp']:>5} {res['fp']:>5} {res['tn']:>5} {res['fn']:>5} {num((loc or {}).get('value')):>8} "
+                     f"{num(per.get('p90'), 1):>17}")
     for title in ("by_source", "by_region"):
         if report.get(title):
             lines += _part_table(f"{title.replace('_', ' ')}, every image (balanced mode)", report[title])
@@ -88,7 +100,7 @@ def save_plots(report: dict[str, Any], out_dir: str | Path, stem: str = "report"
     if img:
         ax.plot([p["recall"] for p in img], [p["precision"] for p in img], label="image level", color="#0072B2")
     if box:
-        ax.plot([p["recall"] for p in box], [p["precision"] for p in box], label=f"boxes, IoU 0.5 (AP {_num(report['box']['map50'])})", color="#D55E00")
+        ax.plot([p["recall"] for p in box], [p["precision"] for p in box], label=f"boxes, IoU 0.5 (AP {num(report['box']['map50'])})", color="#D55E00")
     for mode, res in report["image_level"].items():
         sens, ppv = res["sensitivity"]["value"], res["ppv"]["value"]
         if sens is not None and ppv is not None:

@@ -17,6 +17,7 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.modes import MODES
+from bone_r.report import num, with_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -69,22 +70,6 @@ def candidate_row(run_dir: Path) -> dict[str, Any]:
             "train s/epoch": round(statistics.median(float(r["train_seconds"]) for r in rows))}
 
 
-def fmt(value: Any, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, float):
-        return f"{value:.{digits}f}"
-    return str(value)
-
-
-def with_ci(metric: dict[str, Any] | None) -> str:
-    """'0.753 [0.690–0.814]' from {'value', 'ci'}."""
-    if not metric or metric.get("value") is None:
-        return "n/a"
-    ci = metric.get("ci")
-    return f"{metric['value']:.3f} [{ci[0]:.3f}–{ci[1]:.3f}]" if ci else f"{metric['value']:.3f}"
-
-
 def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -95,12 +80,12 @@ def breakdown(parts: dict[str, Any], mode: str = "balanced", mean: dict[str, Any
     rows = []
     for name, entry in sorted(parts.items()):
         level = entry["image_level"].get(mode, {})
-        rows.append([name, str(entry["n_images"]), str(entry["n_positive"]), fmt(entry["box"].get("map50")),
-                     fmt(entry["box"].get("map50_95")), fmt(entry.get("image_auc")), with_ci(level.get("sensitivity")),
-                     with_ci(level.get("specificity"))])
+        rows.append([name, str(entry["n_images"]), str(entry["n_positive"]), num(entry["box"].get("map50")),
+                     num(entry["box"].get("map50_95")), num(entry.get("image_auc")), with_ci(level.get("sensitivity"), dash="–", note=False),
+                     with_ci(level.get("specificity"), dash="–", note=False)])
     if mean:
-        rows.append(["**mean over sources**", "", "", fmt(mean["map50"]["value"]), "", fmt(mean["image_auc"]["value"]),
-                     fmt(mean["sensitivity"]["value"]), fmt(mean["specificity"]["value"])])
+        rows.append(["**mean over sources**", "", "", num(mean["map50"]["value"]), "", num(mean["image_auc"]["value"]),
+                     num(mean["sensitivity"]["value"]), num(mean["specificity"]["value"])])
     return table(["", "images", "positive", "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
 
 
@@ -117,8 +102,8 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
             f"- Started from: {card.get('started_from')}.",
             f"- Harmonization contract (applied to every image at prediction time, as in training): `{json.dumps(card.get('contract'))}`.",
             f"- Trained with: `{training.get('command')}`",
-            f"  ({training.get('epochs')} epochs, {fmt(training.get('wall_time_s'), 0)} s wall time, "
-            f"{fmt(training.get('seconds_per_epoch'), 0)} s/epoch on {training.get('device')}, seed {training.get('seed')}, "
+            f"  ({training.get('epochs')} epochs, {num(training.get('wall_time_s'), 0)} s wall time, "
+            f"{num(training.get('seconds_per_epoch'), 0)} s/epoch on {training.get('device')}, seed {training.get('seed')}, "
             f"commit {str(training.get('git_commit'))[:10]}).",
             f"- Data: `{(card.get('dataset') or {}).get('yaml')}`, splits.csv sha256 `{(card.get('dataset') or {}).get('splits_sha256')}`."]
     if card.get("export"):
@@ -127,7 +112,7 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     rows = []
     for mode in MODES:
         t = thresholds.get(mode) or {}
-        rows.append([mode, fmt(t.get("threshold"), 4), fmt(t.get("target")), fmt(t.get("val_sensitivity")), fmt(t.get("val_specificity"))])
+        rows.append([mode, num(t.get("threshold"), 4), num(t.get("target")), num(t.get("val_sensitivity")), num(t.get("val_specificity"))])
     out += [table(["mode", "threshold", "target", "val sensitivity", "val specificity"], rows), ""]
     if metrics:
         box = metrics.get("box") or {}
@@ -141,38 +126,38 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
                     "Wilson's below 30 cases, none below 5.", "",
                     breakdown(metrics["by_source_radiographs"], mean=metrics.get("mean_over_sources")), "",
                     f"### Pooled over every source and copy ({metrics.get('n_images')} images)", ""]
-        out += [f"Box mAP@0.5 **{fmt(box.get('map50'))}**, mAP@0.5:0.95 **{fmt(box.get('map50_95'))}** (pycocotools, negatives included). "
+        out += [f"Box mAP@0.5 **{num(box.get('map50'))}**, mAP@0.5:0.95 **{num(box.get('map50_95'))}** (pycocotools, negatives included). "
                 f"Intervals: 95% bootstrap over {metrics.get('bootstrap', {}).get('resampled', 'groups')} "
                 f"({metrics.get('bootstrap', {}).get('n_boot')} resamples).", ""]
         rows = []
         for mode in MODES:
             lvl = (metrics.get("image_level") or {}).get(mode) or {}
-            rows.append([mode, fmt(lvl.get("threshold"), 4), with_ci(lvl.get("sensitivity")), with_ci(lvl.get("specificity")),
-                         with_ci(lvl.get("ppv")), with_ci(lvl.get("npv")), f"{lvl.get('tp')}/{lvl.get('fp')}/{lvl.get('tn')}/{lvl.get('fn')}"])
+            rows.append([mode, num(lvl.get("threshold"), 4), with_ci(lvl.get("sensitivity"), dash="–", note=False), with_ci(lvl.get("specificity"), dash="–", note=False),
+                         with_ci(lvl.get("ppv"), dash="–", note=False), with_ci(lvl.get("npv"), dash="–", note=False), f"{lvl.get('tp')}/{lvl.get('fp')}/{lvl.get('tn')}/{lvl.get('fn')}"])
         out += [table(["mode", "threshold", "sensitivity", "specificity", "PPV", "NPV", "TP/FP/TN/FN"], rows), ""]
         loc = metrics.get("localization") or {}
         if loc.get("balanced"):
             b = loc["balanced"]
             out += [f"Localization-aware (a positive counts as found only if a box has IoU ≥ {loc.get('iou')} with a true box), "
-                    f"balanced mode: {b.get('found')} of {b.get('n_positive')} found, sensitivity {with_ci(b.get('sensitivity'))}; "
+                    f"balanced mode: {b.get('found')} of {b.get('n_positive')} found, sensitivity {with_ci(b.get('sensitivity'), dash='–', note=False)}; "
                     f"{b.get('mislocalized')} flagged with the box elsewhere.", ""]
         per = metrics.get("boxes_per_flagged_image") or {}
         if per.get("balanced"):
             b = per["balanced"]
             rule = card.get("box_rule")
-            out += [f"Boxes a reader sees per flagged image (balanced mode): median {fmt(b.get('median'), 1)}, 90th percentile "
-                    f"{fmt(b.get('p90'), 1)}, max {b.get('max')}; box rule "
+            out += [f"Boxes a reader sees per flagged image (balanced mode): median {num(b.get('median'), 1)}, 90th percentile "
+                    f"{num(b.get('p90'), 1)}, max {b.get('max')}; box rule "
                     f"{json.dumps(rule) + ' (chosen on ' + str(card.get('box_rule_chosen_on')) + ')' if rule else 'none'}.", ""]
         out += ["### By source, every image (balanced mode)", "", breakdown(metrics.get("by_source") or {}), "",
                 "### By region, every image (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
     if extra.get("candidates"):
         out += ["## Candidates compared (validation split)", "", table(list(extra["candidates"][0].keys()),
-                [[fmt(v) for v in row.values()] for row in extra["candidates"]]),
+                [[num(v) for v in row.values()] for row in extra["candidates"]]),
                 "", "Validation mAP from each trainer's own per-epoch validation (`train_log.csv`); runs with fewer val "
                 "images used a seeded subset. Seconds are wall time of the training passes on the machine named above, "
                 "which may have been shared: compare them loosely.", ""]
     if extra.get("speed"):
-        out += ["## CPU speed", "", table(list(extra["speed"][0].keys()), [[fmt(v, 1) for v in row.values()] for row in extra["speed"]]), ""]
+        out += ["## CPU speed", "", table(list(extra["speed"][0].keys()), [[num(v, 1) for v in row.values()] for row in extra["speed"]]), ""]
         if extra.get("speed_command"):
             out += [f"Measured: {extra['speed_command']}", ""]
     regions = sorted((metrics.get("by_region") or {}).keys())

@@ -44,7 +44,7 @@ from bone_r.metrics import (
     wilson_interval,
 )
 from bone_r.modes import choose_operating_points, resolve_threshold
-from bone_r.report import _fmt, format_report
+from bone_r.report import format_report, with_ci
 from bone_r.runs import sha256_file
 from bone_r.synthetic import write_dataset
 
@@ -805,7 +805,7 @@ def test_small_n_intervals_are_wilson_or_absent_never_degenerate():
     assert small["specificity"]["ci_method"] == "group bootstrap"
     lo, hi = small["specificity"]["ci"]
     assert lo < 0.95 < hi and lo < hi
-    assert "too few (n=3)" in _fmt(tiny["sensitivity"])
+    assert "too few (n=3)" in with_ci(tiny["sensitivity"])
 
 
 def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
