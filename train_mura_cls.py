@@ -49,6 +49,7 @@ from bone_r.runs import (
     absolute,
     default_torch_threads,
     display_path,
+    finite_float,
     log_epoch,
     lr_at,
     note_resume,
@@ -396,10 +397,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         "contract": contract.to_dict(), "started_from": run["started_from"],
         "training": training_summary(run_dir, run, args.seed, args.device),
         "dataset": {"manifest": display_path(args.manifest), "manifest_sha256": sha256_file(args.manifest)},
-        "validation": {"best_epoch": best_epoch, **{k: _float(v) for k, v in next(
+        "validation": {"best_epoch": best_epoch, **{k: finite_float(v) for k, v in next(
             (r for r in read_train_log(run_dir) if int(r["epoch"]) == best_epoch), {}).items() if k.startswith("val_")}},
         "test": None if test is None else {k: test[k] for k in ("auc", "study_auc", "accuracy", "n", "n_studies")},
-        "usage": "train_mura_cls.load_classifier(path)(harmonized_rgb) -> p_abnormal",
+        "usage": "models.classifier.load_classifier(path)(harmonized_rgb) -> p_abnormal",
         "disclaimer": DISCLAIMER,
     }
     card_path = write_card(best, card)
@@ -407,14 +408,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
           + (f"; test AUC {test['auc']}" if test else ""))
     print(DISCLAIMER)
     return 0
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 if __name__ == "__main__":

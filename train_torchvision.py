@@ -49,6 +49,7 @@ from bone_r.runs import (
     absolute,
     display_path,
     evaluate_after_training,
+    finite_float,
     log_epoch,
     lr_at,
     note_resume,
@@ -500,8 +501,8 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         name=run_dir.name, backend=config["arch"], architecture=f"{config['arch']}_{config['backbone']}", imgsz=config["imgsz"],
         contract=info.contract, started_from=started_from, training=training,
         dataset_yaml=display_path(args.data), splits_sha256=info.splits_sha256,
-        training_validation={"best_epoch": best_epoch, "val_mAP50": _float(best_row.get("val_mAP50")),
-                             "val_mAP50_95": _float(best_row.get("val_mAP50_95")),
+        training_validation={"best_epoch": best_epoch, "val_mAP50": finite_float(best_row.get("val_mAP50")),
+                             "val_mAP50_95": finite_float(best_row.get("val_mAP50_95")),
                              "note": "val split during training (box_metrics); evaluate.py gives the reported metrics"},
         model_config=config,
     )
@@ -513,14 +514,6 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
     print(DISCLAIMER)
     return 1 if rc else 0
-
-
-def _float(value: Any) -> float | None:
-    try:
-        out = float(value)
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 if __name__ == "__main__":

@@ -4,7 +4,6 @@ prediction records (read, write, match to images). Research and teaching tool, n
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ import numpy as np
 
 from bone_r.dataset import EvaluationError, GroundTruth, _abspath
 from bone_r.image import ImageMeta
+from bone_r.runs import read_json
 
 
 @dataclass
@@ -263,12 +263,7 @@ class ImagePrediction:
 def load_records(path: str | Path) -> list[dict[str, Any]]:
     """The records of a results.json (`inference.py --json`): a list, one record, or {"predictions": [...]}."""
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"predictions file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, "predictions file", EvaluationError)
     if isinstance(data, dict):
         data = data.get("predictions", [data]) if "image" not in data else [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) and "image" in r for r in data):

@@ -5,7 +5,6 @@ a split with the metrics of `bone_r.metrics`. Research and teaching tool, not a 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from bone_r.image import ImageDecodeError, load_image
 from bone_r.metrics import box_metrics, evaluate_predictions, image_scores, roc_auc, run_evaluation
 from bone_r.modes import choose_operating_points
 from bone_r.report import num, with_ci
+from bone_r.runs import read_json
 
 DEFAULT_IOU_THR = 0.55
 
@@ -170,12 +170,7 @@ def fusion_records(det_records: Sequence[dict[str, Any]], p_abnormal: Callable[[
 def load_classifier_scores(path: str | Path) -> dict[str, float]:
     """{image: p_abnormal} from JSON: that mapping, {"scores": {...}}, or a list of {"image", "p_abnormal"}."""
     path = Path(path)
-    if not path.is_file():
-        raise EnsembleError(f"classifier scores file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EnsembleError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, "classifier scores file", EnsembleError)
     if isinstance(data, dict) and isinstance(data.get("scores"), (dict, list)):
         data = data["scores"]
     if isinstance(data, list):

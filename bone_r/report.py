@@ -15,6 +15,7 @@ from bone_r.dataset import EvaluationError
 from bone_r.detection import BoxRule
 from bone_r.metrics import jsonable
 from bone_r.modes import normalize_operating_points
+from bone_r.runs import read_json
 
 
 def num(x: Any, digits: int = 3) -> str:
@@ -144,12 +145,7 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
 def load_thresholds_file(path: str | Path) -> dict[str, Any]:
     """Thresholds from a model card (its `thresholds`) or a JSON {mode: threshold | {threshold: ...}}."""
     path = Path(path)
-    if not path.is_file():
-        raise EvaluationError(f"thresholds file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EvaluationError(f"{path} is not valid JSON: {err}") from None
+    data = read_json(path, "thresholds file", EvaluationError)
     if isinstance(data, dict) and isinstance(data.get("thresholds"), dict):
         data = data["thresholds"]
     if not isinstance(data, dict):

@@ -8,6 +8,7 @@ import csv
 import datetime as dt
 import hashlib
 import json
+import math
 import os
 import random
 import shlex
@@ -258,11 +259,17 @@ def write_run_files(run_dir: Path, script: str, argv: list[str], args: argparse.
     return run
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: str | Path, what: str = "", error: type[Exception] = TrainError) -> Any:
+    """The JSON value in `path`, or `error` with one sentence. With `what` (e.g. "predictions file"): '<what> not
+    found: <path>' or '<path> is not valid JSON: ...'; without: 'cannot read <path>: ...' (a run's own files)."""
+    path = Path(path)
+    if what and not path.is_file():
+        raise error(f"{what} not found: {path}")
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
-        raise TrainError(f"cannot read {path}: {err}") from None
+        raise error(f"{path} is not valid JSON: {err}" if what and isinstance(err, json.JSONDecodeError)
+                    else f"cannot read {path}: {err}") from None
 
 
 def note_resume(run_dir: Path, script: str, argv: list[str]) -> dict[str, Any]:
@@ -395,3 +402,12 @@ def tqdm_bar(iterable, **kw):
     from tqdm import tqdm
 
     return tqdm(iterable, file=sys.stderr, dynamic_ncols=True, mininterval=0.5, **kw)
+
+
+def finite_float(value: Any) -> float | None:
+    """`value` as a finite float (a log cell, a metric), else None."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
