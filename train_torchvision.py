@@ -107,7 +107,6 @@ class DetectionSet:
 
     def gray(self, item: Any) -> np.ndarray:
         """uint8 grayscale of the tree image, long side downscaled to imgsz (never upscaled)."""
-
         cached = self._cache_file(item.path)
         if cached is not None and cached.is_file():
             try:

@@ -20,6 +20,8 @@ from bone_r.contract import Contract, harmonize
 from bone_r.detection import Detection
 from bone_r.synthetic import make_phantom
 from inference import Predictor
+from models import available_backends
+from models.torchvision_det import ARCHS
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +67,7 @@ def test_effnet_lite0_weights_recognize_a_photo():
     assert {400, 667} & set(top5)  # academic gown / mortarboard
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "retinanet", "fcos"])
+@pytest.mark.parametrize("arch", [name for name in available_backends() if name in ARCHS])  # the registry's torchvision backends
 def test_registry_builds_each_torchvision_backend(tmp_path, arch):
     from models import build_detector, infer_backend
     from models.torchvision_det import build_model, default_config
