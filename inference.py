@@ -145,7 +145,7 @@ class Predictor:
     def predict(self, source: str | Path | bytes, mode: str = "balanced", conf: float | None = None, **kw: Any) -> Prediction:
         """Decode, harmonize, detect, and map boxes back to original pixels."""
         t0 = time.perf_counter()
-        loaded = load_image(source, max_pixels=self.max_pixels)
+        loaded = load_image(source, max_pixels=self.max_pixels, contract=self.contract)
         decode_ms = (time.perf_counter() - t0) * 1e3
         name = "" if isinstance(source, (bytes, bytearray, memoryview)) else str(source)
         return self.predict_loaded(loaded, name, mode, conf, timings={"decode_ms": decode_ms}, **kw)
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             t0 = time.perf_counter()
             loaded = load_image(path, max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
-                                extra_bytes_per_pixel=overlay_cost)
+                                extra_bytes_per_pixel=overlay_cost, contract=predictor.contract)
             decode_ms = (time.perf_counter() - t0) * 1e3
             pred = predictor.predict_loaded(loaded, str(path), args.mode, args.conf, timings={"decode_ms": decode_ms})
         except ImageDecodeError as err:

@@ -147,7 +147,7 @@ def _run(args: argparse.Namespace) -> int:
     for path in progress:
         out = args.out / f"{path.stem}.{args.format}" if folder else args.out
         try:
-            loaded = load_image(path, max_pixels=args.max_pixels)
+            loaded = load_image(path, max_pixels=args.max_pixels, contract=predictor.contract if predictor else None)
             if predictor is not None:
                 pred = predictor.predict_loaded(loaded, str(path), args.mode, args.conf)
                 detections = pred.detections

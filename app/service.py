@@ -281,8 +281,8 @@ def analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: fl
         settings = state.settings
         try:
             loaded = load_image(data, max_pixels=settings.max_pixels,
-                                          max_memory=int(settings.max_image_memory_mb * 1e6),
-                                          extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if overlay else 0)
+                                max_memory=int(settings.max_image_memory_mb * 1e6),
+                                extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if overlay else 0, contract=predictor.contract)
         except ImageDecodeError as err:
             status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
             return Outcome(error=(status, word, str(err)))

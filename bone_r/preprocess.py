@@ -35,12 +35,13 @@ def harmonize_file(src: str, dst: str, contract: dict, max_pixels: int) -> dict:
     data = Path(src).read_bytes()
     row = {"source": src, "output": dst, "sha256": sha256_bytes(data), "repaired": "", "width": "", "height": "",
            "out_width": "", "out_height": "", "error": ""}
+    rules = Contract.from_dict(contract)
     try:
-        loaded = load_image(data, max_pixels=max_pixels)
+        loaded = load_image(data, max_pixels=max_pixels, contract=rules)
     except ImageDecodeError as err:
         row["error"] = str(err)
         return row
-    rgb = harmonize(loaded.pixels, Contract.from_dict(contract))
+    rgb = harmonize(loaded.pixels, rules)
     Path(dst).parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(dst).with_suffix(".tmp.png")
     if not cv2.imwrite(str(tmp), rgb[:, :, 0]):
