@@ -66,8 +66,6 @@ from bone_r.runs import (
 )
 from models.classifier import CHECKPOINT_FORMAT, build_classifier, letterbox_square, load_classifier, to_tensor
 
-ROOT = Path(__file__).resolve().parent
-
 RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "device"}
 PATH_COLUMNS = ("image", "path", "file", "filename")
 LABEL_COLUMNS = ("label", "abnormal", "positive", "target")

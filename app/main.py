@@ -43,9 +43,6 @@ from app.routes import add_routes, install_error_handlers
 from app.service import ServiceState, Settings, load_predictors, log, names_not_paths, return_freed_buffers_to_the_os
 from bone_r import DISCLAIMER
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository (the docs viewer is served from docs/)
-
-
 # --------------------------------------------------------------------------- the model pool
 
 

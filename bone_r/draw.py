@@ -14,7 +14,7 @@ drawn over the radiograph but boxes, their labels or tags, and thin leader lines
 a tag that had to move away from its box.
 
 Detections are any objects with ``xyxy`` (image pixels), ``score``, ``label``, ``model``
-and ``hints`` (inference.Detection). Imports nothing else of the project.
+and ``hints`` (bone_r.detection.Detection). Imports nothing else of the project.
 
 Research and teaching tool, not a diagnosis.
 """

@@ -45,8 +45,6 @@ from bone_r.runs import set_threads
 from inference import check_against_pytorch
 from models.export import FP16_MIN_ELEMENTS, TORCHVISION_OPSET, ExportError, export_onnx
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _bench_worker(conn, kind: str, weights: str, threads: int, conf: float) -> None:
     """One model in its own process: predicts each image path the parent sends and answers its stage times (ms).

@@ -29,8 +29,6 @@ from bone_r.metrics import evaluate_records, predict_split
 from bone_r.modes import normalize_operating_points
 from bone_r.report import format_report, load_thresholds_file, save_plots, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Score a model on an external image folder at its frozen (val-chosen) thresholds. "

@@ -49,8 +49,6 @@ from bone_r.dataset import (
 from bone_r.image import IMAGE_SUFFIXES
 from bone_r.runs import tqdm_bar
 
-ROOT = Path(__file__).resolve().parents[1]
-
 # --------------------------------------------------------------------------- shared helpers
 
 ROBOFLOW_SEP = ".rf."

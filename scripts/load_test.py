@@ -23,8 +23,6 @@ from pathlib import Path
 from bone_r.modes import MODES
 from scripts.service_harness import RADIOGRAPH_SIZES, LocalServer, add_server_args, percentile, radiograph_pngs
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Bounded loopback load test of POST /detect.")

@@ -45,8 +45,6 @@ from bone_r.modes import choose_operating_points
 from bone_r.site import SITE_DATA, hex_color, site_payload
 from bone_r.synthetic import MODEL_A, MODEL_B, demo_detect, demo_ground_truth, jitter
 
-ROOT = Path(__file__).resolve().parents[1]
-
 DEMO_STAMP = "2026-11-26T00:00:00+00:00"  # fixed, so a rerun writes the same bytes
 SEED = 20261126
 DEMO_NOTE = "DEMO: synthetic phantom data and made-up predictions. No radiograph, no trained model."

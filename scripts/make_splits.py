@@ -55,8 +55,6 @@ from bone_r.dataset import IngestError, LabelError, is_inside, prepare_output, r
 from bone_r.image import IMAGE_SUFFIXES
 from bone_r.runs import tqdm_bar
 
-ROOT = Path(__file__).resolve().parents[1]
-
 SPLITS = ("train", "val", "test")
 SPLIT_FIELDS = ["path", "split", "source", "region", "group", "label", "sha256", "regions", "boxes", "weak", "source_group", "original"]
 REQUIRED = ("image", "source", "region", "group", "label")

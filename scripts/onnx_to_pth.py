@@ -26,9 +26,6 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 
 class RecoverError(Exception):
     pass

@@ -25,8 +25,6 @@ from bone_r.image import load_image
 from bone_r.modes import MODES
 from scripts.service_harness import LocalServer, add_server_args, percentile, radiograph_pngs
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Compare /detect latency with the bare in-process prediction.")

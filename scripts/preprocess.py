@@ -27,8 +27,6 @@ from bone_r.contract import Contract
 from bone_r.image import DEFAULT_MAX_PIXELS
 from bone_r.preprocess import plan, preprocess_tree
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)

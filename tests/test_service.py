@@ -809,7 +809,7 @@ def test_root_serves_the_viewer_with_the_upload_form(tmp_path):
 
 def test_repository_viewer_has_a_safe_upload_form():
     """The contract with docs/: a form with id upload-form whose script posts to /detect, text never parsed as HTML."""
-    from app.main import ROOT
+    from bone_r.runs import ROOT
 
     html = (ROOT / "docs" / "index.html").read_text()
     assert 'id="upload-form"' in html
