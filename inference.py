@@ -1,10 +1,8 @@
-"""Bone-R's shared core: image loading, the harmonization contract, prediction.
-
-Everything that touches a radiograph goes through this module: the offline
-pre-processing (`scripts/preprocess.py`), training data preparation, every model
-backend, the command-line predictor below, the FastAPI service and the overlays.
-Importing it has no side effects: heavy libraries (pydicom, torch, the model
-backends) load on first use.
+"""Bone-R's shared inference module: `Predictor` (a detector, its model card's contract, thresholds and box rule:
+the one prediction path) and the predict command, on top of the `bone_r` library (decode, harmonize, detections,
+cards, modes). The service, the site's scripts, the evaluation and the benchmark predict through it. Model specs
+(``name=weights[:backend]``) for the commands that compare several models live here too. Importing it has no side
+effects: heavy libraries (pydicom, torch, the model backends) load on first use.
 
     python inference.py --image xray.png --out prediction.png --json prediction.json
 

@@ -2,8 +2,8 @@
 
 Modules: `image` (decode, DICOM), `contract` (harmonize, the long-side resize, box scaling), `detection`
 (Detection, Prediction, records), `card` (the typed model card, its one writer and resolver), `modes` (operating
-modes), `dataset` (labels, splits.csv, ground truth), `metrics`, `report` (report text, tables and plots), `draw`,
-`site`, `runs` (run folders, seeds, threads, hashes), `fusion`, `synthetic` (phantoms for tests and demos).
+modes), `dataset` (labels, splits.csv, ground truth), `metrics`, `report` (report text, tables and plots), `preprocess`
+(harmonizing a tree offline), `draw`, `site`, `runs` (run folders, seeds, threads, hashes), `fusion`, `synthetic` (phantoms for tests and demos).
 
 Research and teaching tool, not a diagnosis.
 """
