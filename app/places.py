@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import re
 from typing import Any
 from urllib.parse import urlencode
 
 import httpx
+
+from bone_r.runs import finite_float
 
 DEFAULT_BASE_URL = "https://maps.googleapis.com/maps/api/place"
 MAX_RESULTS = 5
@@ -82,14 +83,6 @@ def maps_link(name: str, lat: float | None, lng: float | None, place_id: str | N
     return f"{MAPS_SEARCH_URL}?{urlencode(params)}"
 
 
-def _number(value: Any) -> float | None:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def parse_results(results: Any, max_results: int = MAX_RESULTS, api_key: str | None = None) -> list[dict[str, Any]]:
     """The first `max_results` well-formed places: name, address, rating, location, maps link.
 
@@ -104,14 +97,14 @@ def parse_results(results: Any, max_results: int = MAX_RESULTS, api_key: str | N
         if not isinstance(item, dict) or not isinstance(item.get("name"), str):
             continue
         location = (item.get("geometry") or {}).get("location") if isinstance(item.get("geometry"), dict) else None
-        lat = _number(location.get("lat")) if isinstance(location, dict) else None
-        lng = _number(location.get("lng")) if isinstance(location, dict) else None
+        lat = finite_float(location.get("lat")) if isinstance(location, dict) else None
+        lng = finite_float(location.get("lng")) if isinstance(location, dict) else None
         name = scrub(item["name"], api_key)[:200]
         address = scrub(str(item.get("vicinity") or item.get("formatted_address") or ""), api_key)[:300]
         place_id = item.get("place_id") if isinstance(item.get("place_id"), str) else None
         if place_id and scrub(place_id, api_key) != place_id:  # it goes into the maps link: drop it rather than mangle it
             place_id = None
-        rating = _number(item.get("rating"))
+        rating = finite_float(item.get("rating"))
         clinics.append({
             "name": name,
             "address": address,
