@@ -121,10 +121,27 @@ def uid(*parts: str) -> str:
     return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join(parts)).int}"
 
 
-def _require(source: Any, keywords: Sequence[str]) -> None:
+# Patient and study attributes the results copy; type 2 (present, possibly empty) in both SOP classes
+_TYPE2 = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
+def _require(source: Any, keywords: Sequence[str]) -> Any:
+    """The source's header (no pixel data) with the type 2 patient and study attributes a modality may leave
+    out present (empty); a ValueError naming the `keywords` it lacks."""
+    from pydicom.dataset import Dataset
+
     missing = [k for k in keywords if not str(source.get(k, "") or "").strip()]
     if missing:
         raise ValueError(f"the source DICOM lacks {', '.join(missing)}: its results cannot be placed in its study")
+    header = Dataset()
+    for element in source:
+        if element.keyword != "PixelData":
+            header.add(element)
+    for keyword in _TYPE2:
+        if keyword not in header:
+            setattr(header, keyword, "")
+    return header
 
 
 def _detections(record: dict[str, Any]) -> list[SimpleNamespace]:
@@ -168,7 +185,7 @@ def build_sr(source: Any, record: dict[str, Any]) -> Any:
         TrackingIdentifier,
     )
     from pydicom.sr.codedict import codes as dcm_codes
-    _require(source, ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"))
+    source = _require(source, ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"))
     c = _codes()
     uids = result_uids(str(source.StudyInstanceUID), str(source.SOPInstanceUID), record)
     name, version = _model(record)
@@ -255,7 +272,7 @@ def build_overlay(source: Any, record: dict[str, Any], display: np.ndarray) -> A
 
     from bone_r import draw
 
-    _require(source, ("StudyInstanceUID", "SOPInstanceUID"))
+    source = _require(source, ("StudyInstanceUID", "SOPInstanceUID", "SOPClassUID"))
     uids = result_uids(str(source.StudyInstanceUID), str(source.SOPInstanceUID), record)
     name, _ = _model(record)
     dets = _detections(record)

@@ -337,6 +337,8 @@ def test_worker_on_real_radiographs_with_the_bundled_model(server, capture):
         assert len(srs) == 1 and len(overlays) == 1, name
         sr = srs[0]["ds"]
         assert sr.StudyInstanceUID == source.StudyInstanceUID and overlays[0]["ds"].StudyInstanceUID == source.StudyInstanceUID
+        study = server.get(f"/instances/{inst['ID']}/study").json()["ID"]  # the same study in Orthanc's index too
+        assert {server.get(f"/instances/{r['id']}/study").json()["ID"] for r in (srs[0], overlays[0])} == {study}
         assert overlays[0]["ds"].Columns == source.Columns and overlays[0]["ds"].Rows > source.Rows, name
         # the same model on the same file, directly: the SR's regions are its boxes, in the source's pixels
         expected = predictor.predict(data, mode="screening").detections
