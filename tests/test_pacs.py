@@ -309,6 +309,15 @@ def test_wrong_credentials_and_credentials_in_the_url_are_refused_without_echo(s
     assert code == 2 and pacs.USER_ENV in log and "hunter2" not in log
 
 
+def test_the_worker_runs_as_a_file_and_says_where_credentials_go():
+    import sys
+
+    run = subprocess.run([sys.executable, str(inference.ROOT / "scripts" / "pacs.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd="/")
+    assert run.returncode == 0, run.stderr
+    assert "--once" in run.stdout and "--watch" in run.stdout and pacs.PASSWORD_ENV in run.stdout
+
+
 # --------------------------------------------------------------------------- real radiographs, the bundled model
 
 REAL = {  # what each sample brings
