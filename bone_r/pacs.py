@@ -189,6 +189,12 @@ def _handle(orthanc: Orthanc, analyse: Analyse, identity: dict[str, Any], modali
         counts.seen.add(iid)
         log.info("skipped %s: %s", where, err)
         return
+    except PacsError:
+        raise
+    except Exception as err:  # noqa: BLE001 - one odd file must not stop the others; the run exits 1
+        counts.failed += 1
+        log.exception("failed  %s: its results could not be made (%s: %s)", where, type(err).__name__, err)
+        return
     stored = [orthanc.store(dicom_results.to_bytes(ds)) for ds in results]  # the overlay, then the SR: see above
     wrong = [s.get("ParentStudy") for s in stored if s.get("ParentStudy") != study]
     if wrong:
