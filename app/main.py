@@ -12,7 +12,9 @@ piling up in memory. A request is admitted only once its body has arrived (withi
 `upload_timeout_s`, against a budget of buffered upload bytes), so slow clients
 starve no one; each image's decode is refused (413) when its estimated memory is
 over `max_image_memory_mb`; and the work stops at its next stage when the client
-hangs up or `analysis_timeout_s` passes. It imports `inference` and `models` only.
+hangs up or `analysis_timeout_s` passes. With `output=dicom` a DICOM upload gets its results as DICOM (a zip of an
+SR and an annotated Secondary Capture in the source's study: `bone_r.dicom_results`). It imports `inference`,
+`models` and `bone_r` only.
 
 Research and teaching tool, not a diagnosis.
 """
@@ -39,7 +41,7 @@ import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -53,12 +55,16 @@ from starlette.types import Scope
 import inference
 from app import places
 from app.schemas import DetectResponse, ErrorResponse, HealthResponse
+from bone_r import dicom_results
 
 ROOT = Path(__file__).resolve().parents[1]
 log = logging.getLogger("boner.service")
 
 # Multipart framing around the file (boundaries, part headers) may add this much to the body.
 MULTIPART_SLACK = 64 * 1024
+# output=dicom draws the overlay, then holds it as the Secondary Capture's RGB pixels, their Part 10 bytes and the zip
+# (estimated, 3 bytes per pixel each, plus highdicom's copy): per original pixel, on top of the decode.
+DICOM_BYTES_PER_PIXEL = inference.OVERLAY_BYTES_PER_PIXEL + 12
 
 
 class Settings(BaseSettings):
@@ -163,6 +169,7 @@ class ServiceState:
     backend: str | None = None
     weights_info: dict[str, str] | None = None
     card_summary: dict[str, Any] | None = None
+    identity: dict[str, str] | None = None  # the model's name and version, as DICOM results name it
     executor: ThreadPoolExecutor | None = None
     capacity: int = 1
     inflight: int = 0  # admitted requests: running + waiting; touched on the event loop only
@@ -254,6 +261,7 @@ def _load_predictors(settings: Settings, state: ServiceState, injected: inferenc
     pool: queue.Queue = queue.Queue()
     for predictor in copies:
         pool.put(predictor)
+    state.identity = dicom_results.model_identity(first.card, first.weights, first.name)
     state.info, state.predictors = first, pool  # last: the service is ready only when all of it is
 
 
@@ -358,6 +366,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
           "headers": {"Retry-After": {"description": "seconds to wait (saturation and timeout)", "schema": {"type": "integer"}}}},
 }
 
+DICOM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the prediction (JSON); with output=dicom, a zip of bone-r-sr.dcm and bone-r-overlay.dcm",
+    "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}}
+
 DETECT_BODY = {
     "required": True,
     "content": {"multipart/form-data": {"schema": {
@@ -401,11 +413,12 @@ class Outcome:
 
     prediction: inference.Prediction | None = None
     png: bytes | None = None
+    dicom: bytes | None = None  # output=dicom: the zip of the results
     error: tuple[int, str, str] | None = None  # status, error word, message
 
 
 def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: float | None, overlay: bool,
-             submitted: float, cancelled: threading.Event) -> Outcome:
+             submitted: float, cancelled: threading.Event, dicom: bool = False) -> Outcome:
     """Decode, predict and draw one upload; checks `cancelled` between the stages (each one is bounded by the
     decode budget), so a request whose client left or whose deadline passed stops at the next stage."""
     gone = Outcome(error=(503, "cancelled", "the request was cancelled"))  # nobody reads it: the answer was given
@@ -419,7 +432,8 @@ def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: f
         try:
             loaded = inference.load_image(data, max_pixels=settings.max_pixels,
                                           max_memory=int(settings.max_image_memory_mb * 1e6),
-                                          extra_bytes_per_pixel=inference.OVERLAY_BYTES_PER_PIXEL if overlay else 0)
+                                          extra_bytes_per_pixel=DICOM_BYTES_PER_PIXEL if dicom else
+                                          inference.OVERLAY_BYTES_PER_PIXEL if overlay else 0)
         except inference.ImageDecodeError as err:
             status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
             return Outcome(error=(status, word, str(err)))
@@ -430,6 +444,10 @@ def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: f
             return gone
         timings = {"queue_ms": (started - submitted) * 1e3, "decode_ms": (time.perf_counter() - t0) * 1e3}
         prediction = predictor.predict_loaded(loaded, filename, mode, conf, timings=timings)
+        if dicom:
+            if cancelled.is_set():
+                return gone
+            return _dicom_results(state, data, loaded, prediction)
         png = None
         if overlay and not cancelled.is_set():
             t1 = time.perf_counter()
@@ -443,6 +461,26 @@ def _analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: f
     finally:
         state.predictors.put(predictor)
         state.record_job(time.perf_counter() - started)
+
+
+def _dicom_results(state: ServiceState, data: bytes, loaded: inference.LoadedImage, prediction: inference.Prediction) -> Outcome:
+    """The SR and the annotated image of `prediction` (`bone_r.dicom_results`), zipped; a source that cannot hold them
+    (no StudyInstanceUID, say) is the upload's fault: 400."""
+    import io
+    import zipfile
+
+    t0 = time.perf_counter()
+    record = prediction.to_record() | {"model": state.identity, "disclaimer": inference.DISCLAIMER}
+    try:
+        overlay, sr = dicom_results.build_results(dicom_results.read_header(data), record, inference.to_uint8(loaded.pixels))
+    except ValueError as err:
+        return Outcome(error=(400, "unsupported_dicom", str(err)))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("bone-r-sr.dcm", dicom_results.to_bytes(sr))
+        zf.writestr("bone-r-overlay.dcm", dicom_results.to_bytes(overlay))
+    prediction.timings_ms["dicom_ms"] = (time.perf_counter() - t0) * 1e3
+    return Outcome(prediction, dicom=buf.getvalue())
 
 
 # --------------------------------------------------------------------------- upload
@@ -585,7 +623,7 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
     @app.post(
         "/detect",
         response_model=DetectResponse,
-        responses=ERROR_RESPONSES,
+        responses={**ERROR_RESPONSES, **DICOM_RESPONSE},
         tags=["detect"],
         summary="Find and localize fractures on one radiograph",
         description=(
@@ -593,7 +631,10 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
             "Boxes are in the original image's pixels. `mode` picks the operating threshold from the model card; "
             "`conf` overrides it. With `overlay=true` the annotated image comes back as base64 PNG in "
             "`overlay_png_base64`. With `lat`/`lng`, a configured Maps key and a finding, `nearby_clinics` lists up to "
-            "5 orthopedic clinics. " + inference.DISCLAIMER
+            "5 orthopedic clinics. With `output=dicom` (a DICOM upload only) the answer is instead a zip "
+            "(application/zip) of two DICOM files in the source's study: `bone-r-sr.dcm`, a Comprehensive 3D SR "
+            "(TID 1500: one finding per box, its region in the source's pixels) and `bone-r-overlay.dcm`, a Secondary "
+            "Capture with the boxes burned in. " + inference.DISCLAIMER
         ),
         openapi_extra={"requestBody": DETECT_BODY},
     )
@@ -606,7 +647,9 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         overlay: bool = Query(False, description="also return the annotated image (base64 PNG)"),
         lat: float | None = Query(None, ge=-90, le=90, allow_inf_nan=False, description="latitude, given with lng, for nearby clinics"),
         lng: float | None = Query(None, ge=-180, le=180, allow_inf_nan=False, description="longitude, given with lat, for nearby clinics"),
-    ) -> dict[str, Any]:
+        output: Literal["json", "dicom"] = Query("json", description=(
+            "`dicom`: answer a DICOM upload with a zip of an SR and an annotated image (see above) instead of JSON")),
+    ) -> Any:
         t_start = time.perf_counter()
         if (lat is None) != (lng is None):
             missing = "lng" if lng is None else "lat"
@@ -639,12 +682,16 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
                 raise ApiError(408, "upload_timeout", f"the upload did not arrive within {settings.upload_timeout_s:g} s"
                                ) from None
             read_ms = (time.perf_counter() - t_read) * 1e3
+            if output == "dicom" and inference.sniff_format(data) != "dicom":
+                raise ApiError(415, "unsupported_media_type", "output=dicom needs a DICOM upload (a Part 10 file with "
+                               "the DICM preamble); other images get JSON")
             if not state.try_admit():
                 raise _busy(state, f"{state.inflight} requests in progress")
             loop = asyncio.get_running_loop()
             cancelled = threading.Event()
             submitted = time.perf_counter()
-            job = state.executor.submit(_analyse, state, data, filename, mode, conf, overlay, submitted, cancelled)
+            job = state.executor.submit(_analyse, state, data, filename, mode, conf, overlay, submitted, cancelled,
+                                        output == "dicom")
         except BaseException:
             upload.release()
             raise
@@ -659,6 +706,10 @@ def _add_routes(app: FastAPI, state: ServiceState) -> None:
         if outcome.error:
             raise ApiError(*outcome.error)
         prediction, png = outcome.prediction, outcome.png
+        if outcome.dicom is not None:
+            return Response(outcome.dicom, media_type="application/zip", headers={
+                "Content-Disposition": 'attachment; filename="bone-r-results.zip"',
+                "X-Bone-R-Fracture-Detected": "true" if prediction.fracture_detected else "false"})
 
         clinics = await _clinics(settings, prediction, lat, lng)
         timings = dict(prediction.timings_ms)
