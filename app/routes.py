@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -24,6 +24,7 @@ from app.schemas import DetectResponse, ErrorResponse, HealthResponse, detect_re
 from app.service import MULTIPART_SLACK, ApiError, Outcome, ServiceState, Settings, analyse, consult_for, error_response
 from bone_r import DISCLAIMER
 from bone_r.detection import Prediction
+from bone_r.image import sniff_format
 from bone_r.modes import MODES
 
 
@@ -60,6 +61,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
           "headers": {"Retry-After": {"description": "seconds to wait (saturation and timeout)", "schema": {"type": "integer"}}}},
 }
 
+
+DICOM_RESPONSE: dict[int | str, dict[str, Any]] = {200: {
+    "description": "the prediction (JSON); with output=dicom, a zip of bone-r-sr.dcm and bone-r-overlay.dcm",
+    "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}}}}
 
 DETECT_BODY = {
     "required": True,
@@ -206,7 +211,7 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
     @app.post(
         "/detect",
         response_model=DetectResponse,
-        responses=ERROR_RESPONSES,
+        responses={**ERROR_RESPONSES, **DICOM_RESPONSE},
         tags=["detect"],
         summary="Find and localize fractures on one radiograph",
         description=(
@@ -214,7 +219,10 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
             "Boxes are in the original image's pixels. `mode` picks the operating threshold from the model card; "
             "`conf` overrides it. With `overlay=true` the annotated image comes back as base64 PNG in "
             "`overlay_png_base64`. With `lat`/`lng`, a configured Maps key and a finding, `nearby_clinics` lists up to "
-            "5 orthopedic clinics. " + DISCLAIMER
+            "5 orthopedic clinics. With `output=dicom` (a DICOM upload only) the answer is instead a zip "
+            "(application/zip) of two DICOM files in the source's study: `bone-r-sr.dcm`, a Comprehensive 3D SR "
+            "(TID 1500: one finding per box, its region in the source's pixels) and `bone-r-overlay.dcm`, a Secondary "
+            "Capture with the boxes burned in. " + DISCLAIMER
         ),
         openapi_extra={"requestBody": DETECT_BODY},
     )
@@ -227,7 +235,9 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         overlay: bool = Query(False, description="also return the annotated image (base64 PNG)"),
         lat: float | None = Query(None, ge=-90, le=90, allow_inf_nan=False, description="latitude, given with lng, for nearby clinics"),
         lng: float | None = Query(None, ge=-180, le=180, allow_inf_nan=False, description="longitude, given with lat, for nearby clinics"),
-    ) -> dict[str, Any]:
+        output: Literal["json", "dicom"] = Query("json", description=(
+            "`dicom`: answer a DICOM upload with a zip of an SR and an annotated image (see above) instead of JSON")),
+    ) -> Any:
         t_start = time.perf_counter()
         if (lat is None) != (lng is None):
             missing = "lng" if lng is None else "lat"
@@ -260,12 +270,16 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
                 raise ApiError(408, "upload_timeout", f"the upload did not arrive within {settings.upload_timeout_s:g} s"
                                ) from None
             read_ms = (time.perf_counter() - t_read) * 1e3
+            if output == "dicom" and sniff_format(data) != "dicom":
+                raise ApiError(415, "unsupported_media_type", "output=dicom needs a DICOM upload (a Part 10 file with "
+                               "the DICM preamble); other images get JSON")
             if not state.try_admit():
                 raise _busy(state, f"{state.inflight} requests in progress")
             loop = asyncio.get_running_loop()
             cancelled = threading.Event()
             submitted = time.perf_counter()
-            job = state.executor.submit(analyse, state, data, filename, mode, conf, overlay, submitted, cancelled)
+            job = state.executor.submit(analyse, state, data, filename, mode, conf, overlay, submitted, cancelled,
+                                        output == "dicom")
         except BaseException:
             upload.release()
             raise
@@ -280,6 +294,10 @@ def add_routes(app: FastAPI, state: ServiceState) -> None:
         if outcome.error:
             raise ApiError(*outcome.error)
         prediction, png = outcome.prediction, outcome.png
+        if outcome.dicom is not None:
+            return Response(outcome.dicom, media_type="application/zip", headers={
+                "Content-Disposition": 'attachment; filename="bone-r-results.zip"',
+                "X-Bone-R-Fracture-Detected": "true" if prediction.fracture_detected else "false"})
 
         clinics = await _clinics(settings, prediction, lat, lng)
         model = {"backend": state.backend, "detector": state.info.name,

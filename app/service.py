@@ -24,7 +24,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 import inference
 from app import places
 from app.schemas import ErrorResponse
+from bone_r import DISCLAIMER, dicom_results
 from bone_r.card import ModelCard
+from bone_r.contract import to_uint8
 from bone_r.detection import Prediction
 from bone_r.draw import encode_png, overlay_for
 from bone_r.image import (
@@ -44,6 +46,9 @@ log = logging.getLogger("boner.service")
 
 # Multipart framing around the file (boundaries, part headers) may add this much to the body.
 MULTIPART_SLACK = 64 * 1024
+# output=dicom draws the overlay, then holds it as the Secondary Capture's RGB pixels, their Part 10 bytes and the zip
+# (estimated, 3 bytes per pixel each, plus highdicom's copy): per original pixel, on top of the decode.
+DICOM_BYTES_PER_PIXEL = OVERLAY_BYTES_PER_PIXEL + 12
 
 
 class Settings(BaseSettings):
@@ -145,6 +150,7 @@ class ServiceState:
     backend: str | None = None
     weights_info: dict[str, str] | None = None
     card_summary: dict[str, Any] | None = None
+    identity: dict[str, str] | None = None  # the model's name and version, as DICOM results name it
     executor: ThreadPoolExecutor | None = None
     capacity: int = 1
     inflight: int = 0  # admitted requests: running + waiting; touched on the event loop only
@@ -232,6 +238,7 @@ def load_predictors(settings: Settings, state: ServiceState, injected: inference
     pool: queue.Queue = queue.Queue()
     for predictor in copies:
         pool.put(predictor)
+    state.identity = dicom_results.model_identity(first.card, first.weights, first.name)
     state.info, state.predictors = first, pool  # last: the service is ready only when all of it is
 
 
@@ -264,11 +271,12 @@ class Outcome:
 
     prediction: Prediction | None = None
     png: bytes | None = None
+    dicom: bytes | None = None  # output=dicom: the zip of the results
     error: tuple[int, str, str] | None = None  # status, error word, message
 
 
 def analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: float | None, overlay: bool,
-             submitted: float, cancelled: threading.Event) -> Outcome:
+             submitted: float, cancelled: threading.Event, dicom: bool = False) -> Outcome:
     """Decode, predict and draw one upload; checks `cancelled` between the stages (each one is bounded by the
     decode budget), so a request whose client left or whose deadline passed stops at the next stage."""
     gone = Outcome(error=(503, "cancelled", "the request was cancelled"))  # nobody reads it: the answer was given
@@ -282,7 +290,8 @@ def analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: fl
         try:
             loaded = load_image(data, max_pixels=settings.max_pixels,
                                 max_memory=int(settings.max_image_memory_mb * 1e6),
-                                extra_bytes_per_pixel=OVERLAY_BYTES_PER_PIXEL if overlay else 0, contract=predictor.contract)
+                                extra_bytes_per_pixel=DICOM_BYTES_PER_PIXEL if dicom else OVERLAY_BYTES_PER_PIXEL if overlay else 0,
+                                contract=predictor.contract)
         except ImageDecodeError as err:
             status, word = DECODE_STATUS.get(err.kind, (400, "undecodable_image"))
             return Outcome(error=(status, word, str(err)))
@@ -293,6 +302,10 @@ def analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: fl
             return gone
         timings = {"queue_ms": (started - submitted) * 1e3, "decode_ms": (time.perf_counter() - t0) * 1e3}
         prediction = predictor.predict_loaded(loaded, filename, mode, conf, timings=timings)
+        if dicom:
+            if cancelled.is_set():
+                return gone
+            return _dicom_results(state, data, loaded, prediction, predictor.contract)
         png = None
         if overlay and not cancelled.is_set():
             t1 = time.perf_counter()
@@ -306,3 +319,23 @@ def analyse(state: ServiceState, data: bytes, filename: str, mode: str, conf: fl
     finally:
         state.predictors.put(predictor)
         state.record_job(time.perf_counter() - started)
+
+
+def _dicom_results(state: ServiceState, data: bytes, loaded: LoadedImage, prediction: Prediction, contract: Any) -> Outcome:
+    """The SR and the annotated image of `prediction` (`bone_r.dicom_results`), zipped; a source that cannot hold them
+    (no StudyInstanceUID, say) is the upload's fault: 400."""
+    import io
+    import zipfile
+
+    t0 = time.perf_counter()
+    record = prediction.to_record() | {"model": state.identity, "disclaimer": DISCLAIMER}
+    try:
+        overlay, sr = dicom_results.build_results(dicom_results.read_header(data), record, to_uint8(loaded.pixels, contract))
+    except ValueError as err:
+        return Outcome(error=(400, "unsupported_dicom", str(err)))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("bone-r-sr.dcm", dicom_results.to_bytes(sr))
+        zf.writestr("bone-r-overlay.dcm", dicom_results.to_bytes(overlay))
+    prediction.timings_ms["dicom_ms"] = (time.perf_counter() - t0) * 1e3
+    return Outcome(prediction, dicom=buf.getvalue())

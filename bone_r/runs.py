@@ -125,10 +125,21 @@ def default_torch_threads() -> int:
     return max(1, available_cores() - 1)
 
 
+def autogroup_scheduling() -> bool:
+    """True when the kernel groups CPU time by session (/proc/sys/kernel/sched_autogroup_enabled): `nice` then
+    only ranks processes within one session, so niced work started elsewhere competes with the trainer as equals."""
+    try:
+        return Path("/proc/sys/kernel/sched_autogroup_enabled").read_text().strip() == "1"
+    except OSError:
+        return False
+
+
 class ThreadGovernor:
     """Torch threads for a training loop: every core while the trainer has the machine to itself, one fewer
     while other processes keep a core busy (2 OpenMP threads beside a busy process run 10-30x slower than 1).
-    Work started with `nice` does not count: run it niced beside a training run and the run keeps every core.
+    Niced work counts too when the kernel schedules by autogroup (Linux's default: each terminal session or `setsid`
+    job is one group, and `nice` only orders processes inside their own group), because then it does not yield:
+    measured 2026-11-29, two niced pytest runs in other sessions took the trainer from 1.4 to 0.23 batch/s.
 
     `fixed` (the user's --threads) turns it off. `step()` is called once per batch; every `every` batches it
     compares the machine's busy CPU time with this process tree's own (psutil) and switches with hysteresis.
@@ -141,6 +152,7 @@ class ThreadGovernor:
         self.fixed, self.every, self.busy_above, self.idle_below = fixed, every, busy_above, idle_below
         self.threads = fixed or self.cores
         self.switches = 0
+        self.niced_competes = autogroup_scheduling()
         self._count = 0
         self._last: tuple[float, float, float] | None = None
         torch.set_num_threads(self.threads)
@@ -149,8 +161,14 @@ class ThreadGovernor:
         import psutil
 
         t = psutil.cpu_times()
-        # niced processes ("nice" time) are left out: they yield to the trainer, so they cannot stall its threads
-        busy = sum(getattr(t, k, 0.0) for k in ("user", "system", "irq", "softirq", "steal"))
+        kinds = ("user", "system", "irq", "softirq", "steal") + (("nice",) if self.niced_competes else ())
+        busy = sum(getattr(t, k, 0.0) for k in kinds)
+        return time.monotonic(), busy, self._own_cpu()
+
+    @staticmethod
+    def _own_cpu() -> float:
+        import psutil
+
         own = 0.0
         me = psutil.Process()
         for proc in (me, *me.children(recursive=True)):
@@ -159,7 +177,7 @@ class ThreadGovernor:
                 own += c.user + c.system
             except psutil.Error:  # a loader worker that just ended
                 pass
-        return time.monotonic(), busy, own
+        return own
 
     def others_busy(self) -> float | None:
         """Cores used by other processes since the last call (None on the first)."""

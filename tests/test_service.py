@@ -831,8 +831,10 @@ def test_openapi_schema_documents_every_answer(client):
     body = detect["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["file"] and body["properties"]["file"]["format"] == "binary"
     params = {p["name"]: p for p in detect["parameters"]}
-    assert set(params) == {"mode", "conf", "overlay", "lat", "lng"}
+    assert set(params) == {"mode", "conf", "overlay", "lat", "lng", "output"}
     assert params["mode"]["schema"]["enum"] == list(MODES)
+    assert params["output"]["schema"]["enum"] == ["json", "dicom"]
+    assert set(detect["responses"]["200"]["content"]) == {"application/json", "application/zip"}  # output=dicom: a zip
     schemas = spec["components"]["schemas"]
     assert schemas["DetectResponse"]["examples"] and schemas["HealthResponse"]["examples"]
     assert detect["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")

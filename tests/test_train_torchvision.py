@@ -249,6 +249,28 @@ def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
     assert fixed.step() == 1 and fixed.switches == 0
 
 
+def test_thread_governor_counts_niced_work_only_under_autogroup_scheduling(monkeypatch):
+    from collections import namedtuple
+
+    import psutil
+
+    from bone_r.runs import ThreadGovernor
+
+    Times = namedtuple("Times", "user nice system idle irq softirq steal")
+    samples = iter([Times(10, 0, 0, 0, 0, 0, 0), Times(10, 5, 0, 0, 0, 0, 0)] * 2)  # 5 s of niced work in between
+    monkeypatch.setattr(psutil, "cpu_times", lambda: next(samples))
+    clock = iter([0.0, 5.0, 10.0, 15.0])
+    monkeypatch.setattr("bone_r.runs.time.monotonic", lambda: next(clock))
+    seen = []
+    for autogroup in (True, False):
+        monkeypatch.setattr("bone_r.runs.autogroup_scheduling", lambda a=autogroup: a)
+        gov = ThreadGovernor(None)
+        monkeypatch.setattr(gov, "_own_cpu", lambda: 0.0)
+        gov.others_busy()
+        seen.append(gov.others_busy())
+    assert seen == [1.0, 0.0]  # one core of niced work competes under autogroup, yields without it
+
+
 def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path):
     import argparse
 

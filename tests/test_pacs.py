@@ -1,0 +1,369 @@
+"""The PACS worker (scripts/pacs.py, bone_r.pacs) against a real Orthanc server.
+
+One Orthanc for the module, started here on a free loopback port with a temporary storage folder and a user whose
+password only the worker's environment knows, stopped at the end. Each test starts from an empty server. Radiographs
+go in through Orthanc's REST API (synthetic phantoms with a known box; the real sample DICOMs of ../shared/data when
+they are there), the worker runs as its command line does, and what it stored is read back from Orthanc with
+pydicom and highdicom: one SR and one overlay per radiograph, in the source's study, referencing the source, its
+regions in the source's pixels; nothing added by a second run.
+
+Orthanc is Debian's `orthanc` package (.ci/run installs it). Without it these tests skip, unless CI or
+BONE_R_REQUIRE_ORTHANC=1 is set: then they fail.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import requests
+
+import inference
+from bone_r import DISCLAIMER, dicom_results, pacs
+from bone_r.image import DEFAULT_MAX_MEMORY
+from bone_r.runs import ROOT
+from bone_r.synthetic import make_dicom, make_phantom
+from fakes import write_fake_model
+from scripts import pacs as pacs_script
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom-samples"
+USER = "boner-worker"
+
+
+def orthanc_required() -> bool:
+    return os.environ.get("CI", "").lower() not in ("", "0", "false") or os.environ.get("BONE_R_REQUIRE_ORTHANC") == "1"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, url: str, password: str):
+        self.url, self.password = url, password
+        self.http = requests.Session()
+        self.http.auth = (USER, password)
+        self.http.trust_env = False
+
+    def get(self, path: str, **kw):
+        response = self.http.get(self.url + path, timeout=30, **kw)
+        response.raise_for_status()
+        return response
+
+    def upload(self, data: bytes) -> dict:
+        response = self.http.post(self.url + "/instances", data=data, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def instances(self) -> list[dict]:
+        return self.get("/instances", params={"expand": ""}).json()
+
+    def file(self, instance: str) -> pydicom.Dataset:
+        return pydicom.dcmread(io.BytesIO(self.get(f"/instances/{instance}/file").content))
+
+    def clear(self) -> None:
+        for study in self.get("/studies").json():
+            self.http.delete(f"{self.url}/studies/{study}", timeout=30).raise_for_status()
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    binary = shutil.which("Orthanc")
+    if binary is None:
+        reason = "Orthanc is not installed (apt-get install orthanc)"
+        if orthanc_required():
+            pytest.fail(f"{reason}; it is required here (CI or BONE_R_REQUIRE_ORTHANC=1)", pytrace=False)
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("orthanc")
+    port, password = _free_port(), secrets.token_urlsafe(12)
+    config = {
+        "Name": "bone-r-test", "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
+        "HttpPort": port, "RemoteAccessAllowed": False, "DicomServerEnabled": False, "Plugins": [],
+        "AuthenticationEnabled": True, "RegisteredUsers": {USER: password},
+    }
+    (folder / "orthanc.json").write_text(json.dumps(config))
+    log = open(folder / "orthanc.log", "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen([binary, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
+    server = Server(f"http://127.0.0.1:{port}", password)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if server.http.get(server.url + "/system", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"Orthanc did not start: {(folder / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+@pytest.fixture
+def server(orthanc, monkeypatch):
+    """An empty server, and the worker's credentials in its environment."""
+    orthanc.clear()
+    monkeypatch.setenv(pacs.USER_ENV, USER)
+    monkeypatch.setenv(pacs.PASSWORD_ENV, orthanc.password)
+    return orthanc
+
+
+def radiograph(pixels: np.ndarray, *, study: str, modality: str = "DX", patient: str = "PHANTOM", truncate: bool = False) -> bytes:
+    """A phantom as a DICOM file of `study` (its own series), as a modality would send it."""
+    ds = pydicom.dcmread(io.BytesIO(make_dicom(pixels)))
+    ds.Modality = modality
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    ds.PatientID, ds.PatientName = patient, "Phantom^Synthetic"
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20261129", "120000", "A1", "1"
+    ds.ReferringPhysicianName, ds.PatientBirthDate, ds.PatientSex = "", "", "O"
+    ds.SeriesNumber, ds.InstanceNumber = 1, 1
+    if truncate:  # the pixel data ends early: the file is stored, but no decoder can read it
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def capture(capsys, caplog):
+    """What the worker prints and logs (under pytest its log lines go to caplog)."""
+    caplog.set_level(logging.INFO, logger="boner")
+
+    def read() -> str:
+        out = capsys.readouterr()
+        text = caplog.text + out.out + out.err
+        caplog.clear()
+        return text
+    return read
+
+
+def run_worker(capture, url: str, *args: str) -> tuple[int, str]:
+    code = pacs_script.main(["--url", url, "--once", *args])
+    return code, capture()
+
+
+def results_of(server: Server, source_uid: str) -> tuple[list[dict], list[dict]]:
+    """(SRs, overlays) on the server whose reference is `source_uid`."""
+    srs, overlays = [], []
+    for inst in server.instances():
+        ds = server.file(inst["ID"])
+        if ds.Modality == "SR":
+            refs = [item.ReferencedSOPInstanceUID for ev in ds.CurrentRequestedProcedureEvidenceSequence
+                    for series in ev.ReferencedSeriesSequence for item in series.ReferencedSOPSequence]
+            if source_uid in refs:
+                srs.append({"id": inst["ID"], "ds": ds})
+        elif getattr(ds, "SourceImageSequence", None) and ds.SourceImageSequence[0].ReferencedSOPInstanceUID == source_uid:
+            overlays.append({"id": inst["ID"], "ds": ds})
+    return srs, overlays
+
+
+def read_sr(ds: pydicom.Dataset):
+    """The SR through highdicom: (image-level group, planar ROI groups)."""
+    import highdicom as hd
+
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    image_level = sr.content.get_image_measurement_groups()
+    return image_level, sr.content.get_planar_roi_measurement_groups()
+
+
+def region_source(region) -> tuple[str, str]:
+    """(SOP class, SOP instance) of the image a region is drawn on (its SELECTED FROM item)."""
+    [selected_from] = region.ContentSequence
+    assert selected_from.RelationshipType == "SELECTED FROM"
+    ref = selected_from.ReferencedSOPSequence[0]
+    return ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID
+
+
+def text_values(group, meaning: str) -> list[str]:
+    return [str(item.TextValue) for item in group[0].ContentSequence
+            if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning == meaning]
+
+
+# --------------------------------------------------------------------------- a phantom with a known box
+
+
+@pytest.fixture(scope="module")
+def known_box_model(tmp_path_factory):
+    """The fake backend (tests/fakes.py) answering one box where the phantom's fracture is, and nothing else."""
+    phantom = make_phantom(600, 500, fractured=True, seed=3, bits=16)
+    h, w = phantom.pixels.shape
+    x1, y1, x2, y2 = phantom.box
+    boxes = [[(x1 + x2) / 2 / w, (y1 + y2) / 2 / h, (x2 - x1) / w, (y2 - y1) / h, 0.83],
+             [0.2, 0.2, 0.1, 0.1, 0.01]]  # below every threshold: never reported
+    weights = write_fake_model(tmp_path_factory.mktemp("fake-model"), boxes, thresholds={"balanced": 0.5})
+    return phantom, weights
+
+
+def test_worker_stores_an_sr_and_an_overlay_in_the_study_and_a_second_run_adds_nothing(server, capture, known_box_model):
+    phantom, weights = known_box_model
+    study = pydicom.uid.generate_uid()
+    source = server.upload(radiograph(phantom.pixels, study=study))
+    ct = server.upload(radiograph(make_phantom(64, 64, fractured=False, seed=1).pixels, study=study, modality="CT"))
+    broken = server.upload(radiograph(make_phantom(64, 64, seed=2).pixels, study=pydicom.uid.generate_uid(), truncate=True))
+    before = len(server.instances())
+
+    code, log = run_worker(capture, server.url, "--weights", str(weights))
+    assert code == 0, log
+    assert f"stored  instance {source['ID']} (DX): fracture suspected (1 box(es))" in log
+    assert f"skipped series {ct['ParentSeries']}" in log and "modality CT is not a radiograph" in log
+    assert f"skipped instance {broken['ID']} (DX): undecodable" in log
+    assert "1 analysed and stored, 0 already done, 2 skipped, 0 failed" in log
+    assert server.password not in log
+    assert len(server.instances()) == before + 2
+
+    source_ds = server.file(source["ID"])
+    srs, overlays = results_of(server, source_ds.SOPInstanceUID)
+    assert len(srs) == 1 and len(overlays) == 1
+    sr, overlay = srs[0]["ds"], overlays[0]["ds"]
+    for ds in (sr, overlay):  # the source's study and patient, a series of its own that says what it is
+        assert ds.StudyInstanceUID == study and ds.PatientID == "PHANTOM"
+        assert ds.SeriesInstanceUID != source_ds.SeriesInstanceUID
+        assert "machine-generated, not a diagnosis" in ds.SeriesDescription
+    stored = {i["ID"]: i for i in server.instances()}
+    assert stored[srs[0]["id"]]["ParentSeries"] != stored[overlays[0]["id"]]["ParentSeries"]
+
+    assert sr.SOPClassUID == pydicom.uid.Comprehensive3DSRStorage and sr.CompletionFlag == "COMPLETE"
+    image_level, findings = read_sr(sr)
+    assert len(findings) == 1
+    finding = findings[0]
+    region = finding.roi
+    assert region.graphic_type.value == "POLYLINE"
+    x1, y1, x2, y2 = phantom.box  # in the source's own pixels (500 x 600: no harmonization resize either way)
+    np.testing.assert_allclose(region.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01)
+    assert region_source(region) == (source_ds.SOPClassUID, source_ds.SOPInstanceUID)
+    assert finding.finding_type.meaning == "Fracture"
+    [score] = finding.get_measurements()
+    assert score.name.meaning == "Detector score" and score.value == pytest.approx(0.83)
+    assert text_values(finding, "Fracture type (best guess, not a diagnosis)")
+    assert text_values(finding, "Disclaimer") == [DISCLAIMER]
+    algorithm = {item.ConceptNameCodeSequence[0].CodeMeaning: str(item.TextValue) for item in finding[0].ContentSequence
+                 if item.ValueType == "TEXT" and item.ConceptNameCodeSequence[0].CodeMeaning.startswith("Algorithm")}
+    assert algorithm["Algorithm Name"] == "Bone-R fake" and algorithm["Algorithm Version"].startswith("sha256:")
+    [image_group] = image_level
+    values = {m.name.meaning: m.value for m in image_group.get_measurements()}
+    assert values == {"Highest detector score": pytest.approx(0.83), "Score threshold": pytest.approx(0.5)}
+    assert text_values(image_group, "Operating mode") == ["balanced"]
+    assert text_values(image_group, "Summary")[0].startswith("Bone-R suspects a fracture: 1 region(s)")
+
+    assert overlay.Modality == "OT" and overlay.BurnedInAnnotation == "YES" and overlay.PhotometricInterpretation == "RGB"
+    assert overlay.Columns == 500 and overlay.Rows > 600  # the image, then the key and the disclaimer band below it
+    pixels = overlay.pixel_array
+    assert (np.abs(pixels[:600].astype(int) - pixels[:600].mean(axis=2, keepdims=True)) > 40).any()  # a coloured box
+    preview = server.get(f"/instances/{overlays[0]['id']}/preview")
+    assert preview.headers["content-type"] == "image/png"
+
+    code, log = run_worker(capture, server.url, "--weights", str(weights))
+    assert code == 0, log
+    assert f"done    instance {source['ID']} (DX): its Bone-R result is already stored" in log
+    assert "0 analysed and stored, 1 already done, 2 skipped" in log
+    assert len(server.instances()) == before + 2
+
+
+def test_no_finding_gives_a_clear_report_and_watch_does_each_instance_once(server, known_box_model):
+    _, weights = known_box_model
+    predictor = inference.Predictor(weights)
+    identity = {"model": dicom_results.model_identity(predictor.card, weights), "mode": "specific", "threshold": 0.9,
+                "disclaimer": DISCLAIMER}
+    analyse = pacs_script.make_analyse(predictor, "specific", 0.9, identity, DEFAULT_MAX_MEMORY)
+    source = server.upload(radiograph(make_phantom(300, 240, seed=4).pixels, study=pydicom.uid.generate_uid(),
+                                      modality="CR"))
+    client = pacs.Orthanc(server.url, (USER, server.password))
+    counts = pacs.watch(client, analyse, identity, interval_s=0.01, passes=3)
+    assert (counts.stored, counts.done, counts.skipped, counts.failed) == (1, 0, 0, 0)
+    [sr], [_] = results_of(server, server.file(source["ID"]).SOPInstanceUID)
+    image_level, findings = read_sr(sr["ds"])
+    assert findings == []  # the 0.83 box is under 0.9: no region at all
+    [image_group] = image_level
+    [suspected] = [item for item in image_group[0].ContentSequence if item.ValueType == "CODE"
+                   and item.ConceptNameCodeSequence[0].CodeMeaning == "Fracture suspected above threshold"]
+    assert suspected.ConceptCodeSequence[0].CodeMeaning == "No"
+    assert text_values(image_group, "Summary")[0].startswith("No finding above threshold")
+
+
+def test_wrong_credentials_and_credentials_in_the_url_are_refused_without_echo(server, capture, monkeypatch, known_box_model):
+    _, weights = known_box_model
+    monkeypatch.setenv(pacs.PASSWORD_ENV, "wrong-password-xyz")
+    code, log = run_worker(capture, server.url, "--weights", str(weights))
+    assert code == 2 and "refused the credentials (HTTP 401)" in log and "wrong-password-xyz" not in log
+    code, log = run_worker(capture, server.url.replace("http://", f"http://{USER}:hunter2@"), "--weights", str(weights))
+    assert code == 2 and pacs.USER_ENV in log and "hunter2" not in log
+
+
+def test_the_worker_runs_as_a_file_and_says_where_credentials_go():
+    import sys
+
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "pacs.py"), "--help"], capture_output=True,
+                         text=True, timeout=120, cwd="/")
+    assert run.returncode == 0, run.stderr
+    assert "--once" in run.stdout and "--watch" in run.stdout and pacs.PASSWORD_ENV in run.stdout
+
+
+# --------------------------------------------------------------------------- real radiographs, the bundled model
+
+REAL = {  # what each sample brings
+    "RG2_JPLL.dcm": "CR, JPEG Lossless, 10-bit",
+    "RG3_J2KR.dcm": "CR, JPEG 2000, MONOCHROME1",
+    "JPEG2KLossless_1s_1f_u_16_16.dcm": "DX, JPEG 2000, 16-bit",
+    "Fake_MONOHR1.dcm": "CR, JPEG baseline, MONOCHROME1",
+}
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_worker_on_real_radiographs_with_the_bundled_model(server, capture):
+    if not all((SAMPLES / name).is_file() for name in REAL):
+        pytest.skip(f"the DICOM samples are not at {SAMPLES}")
+    uploaded = {name: server.upload((SAMPLES / name).read_bytes()) for name in REAL}
+    code, log = run_worker(capture, server.url, "--mode", "screening")
+    assert code == 0, log
+    assert f"{len(REAL)} analysed and stored, 0 already done, 0 skipped, 0 failed" in log
+    predictor = inference.Predictor()
+    boxes_seen = 0
+    for name, inst in uploaded.items():
+        data = (SAMPLES / name).read_bytes()
+        source = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        srs, overlays = results_of(server, source.SOPInstanceUID)
+        assert len(srs) == 1 and len(overlays) == 1, name
+        sr = srs[0]["ds"]
+        assert sr.StudyInstanceUID == source.StudyInstanceUID and overlays[0]["ds"].StudyInstanceUID == source.StudyInstanceUID
+        study = server.get(f"/instances/{inst['ID']}/study").json()["ID"]  # the same study in Orthanc's index too
+        assert {server.get(f"/instances/{r['id']}/study").json()["ID"] for r in (srs[0], overlays[0])} == {study}
+        assert overlays[0]["ds"].Columns == source.Columns and overlays[0]["ds"].Rows > source.Rows, name
+        # the same model on the same file, directly: the SR's regions are its boxes, in the source's pixels
+        expected = predictor.predict(data, mode="screening").detections
+        _, findings = read_sr(sr)
+        assert len(findings) == len(expected), name
+        for finding, det in zip(findings, expected):
+            x1, y1, x2, y2 = det.xyxy
+            np.testing.assert_allclose(finding.roi.value, [[x1, y1], [x2, y1], [x2, y2], [x1, y2], [x1, y1]], atol=0.01)
+            assert region_source(finding.roi) == (source.SOPClassUID, source.SOPInstanceUID)
+            assert finding.get_measurements()[0].value == pytest.approx(det.score, abs=1e-5)
+            assert (np.asarray(finding.roi.value) <= [source.Columns, source.Rows]).all(), name
+        boxes_seen += len(findings)
+    assert boxes_seen > 0  # the test looked at some regions (RG3's tibia gets boxes in screening mode)
+    count = len(server.instances())
+    code, log = run_worker(capture, server.url, "--mode", "screening")
+    assert code == 0 and f"0 analysed and stored, {len(REAL)} already done" in log, log
+    assert len(server.instances()) == count
