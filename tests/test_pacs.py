@@ -344,14 +344,34 @@ def test_dicomweb_worker_stores_the_same_results_and_sees_what_rest_stored_and_v
     assert len(server.instances()) == before + 2
 
 
-def test_dicomweb_store_refused_fails_that_instance_not_the_run(server, capture):
-    _, url = endpoint(server, "dicomweb")
+def test_dicomweb_store_refused_fails_that_instance_not_the_run(server, monkeypatch, capture, known_box_model):
+    flag, url = endpoint(server, "dicomweb")
+    _, weights = known_box_model
     client = pacs.DicomWeb(url, (USER, server.password))
     ds = pydicom.dcmread(io.BytesIO(radiograph(make_phantom(64, 64, seed=5).pixels, study=pydicom.uid.generate_uid())))
     elsewhere = pacs.Instance("x", pydicom.uid.generate_uid(), ds.SOPInstanceUID, ref=ds.SeriesInstanceUID)
     with pytest.raises(pacs.StoreFailed, match="HTTP 409"):  # STOW-RS to another study than the instance's
         client.store_results(elsewhere, [ds])
     assert server.instances() == []
+
+    def partly(self, datasets, study_instance_uid=None):  # a server that answers 202, each instance failed (PS3.18 10.5.3)
+        answer = pydicom.Dataset()
+        answer.ReferencedSOPSequence, answer.FailedSOPSequence = [], []
+        for item in datasets:
+            failed = pydicom.Dataset()
+            failed.ReferencedSOPInstanceUID, failed.FailureReason = item.SOPInstanceUID, 0xA700
+            answer.FailedSOPSequence.append(failed)
+        return answer
+    import dicomweb_client
+
+    monkeypatch.setattr(dicomweb_client.DICOMwebClient, "store_instances", partly)
+    sources = [server.upload(radiograph(make_phantom(64, 64, seed=s).pixels, study=pydicom.uid.generate_uid())) for s in (6, 7)]
+    code, log = run_worker(capture, url, "--weights", str(weights), flag=flag)
+    assert code == 1, log
+    for source in sources:
+        assert f"failed  instance {server.file(source['ID']).SOPInstanceUID} (DX): STOW-RS did not store" in log
+    assert "failure reason 42752" in log and "0 analysed and stored, 0 already done, 0 skipped, 2 failed" in log
+    assert len(server.instances()) == 2
 
 
 def test_no_finding_gives_a_clear_report_and_watch_does_each_instance_once(server, known_box_model):
