@@ -277,21 +277,33 @@ def check_phantom_results(server: Server, source_id: str, phantom, study: str) -
     return sr
 
 
+def upload_others(server: Server, study: str) -> tuple[dict, dict]:
+    """A CT series in `study` and an undecodable DX file in a study of its own: what a pass must skip."""
+    ct = server.upload(radiograph(make_phantom(64, 64, fractured=False, seed=1).pixels, study=study, modality="CT"))
+    broken = server.upload(radiograph(make_phantom(64, 64, seed=2).pixels, study=pydicom.uid.generate_uid(), truncate=True))
+    return ct, broken
+
+
+def check_pass(log: str, server: Server, stored: str, ct_series: str, broken: str, counts: str) -> None:
+    """The log of a pass that stored the phantom's results and skipped `upload_others`, each named as the worker
+    names it: one line each, then the counts; never the password."""
+    assert f"stored  instance {stored} (DX): fracture suspected (1 box(es))" in log
+    assert f"skipped series {ct_series}" in log and "modality CT is not a radiograph" in log
+    assert f"skipped instance {broken} (DX): undecodable" in log
+    assert f"{counts}, 2 skipped, 0 failed" in log
+    assert server.password not in log
+
+
 def test_worker_stores_an_sr_and_an_overlay_in_the_study_and_a_second_run_adds_nothing(server, capture, known_box_model):
     phantom, weights = known_box_model
     study = pydicom.uid.generate_uid()
     source = server.upload(radiograph(phantom.pixels, study=study))
-    ct = server.upload(radiograph(make_phantom(64, 64, fractured=False, seed=1).pixels, study=study, modality="CT"))
-    broken = server.upload(radiograph(make_phantom(64, 64, seed=2).pixels, study=pydicom.uid.generate_uid(), truncate=True))
+    ct, broken = upload_others(server, study)
     before = len(server.instances())
 
     code, log = run_worker(capture, server.url, "--weights", str(weights))
     assert code == 0, log
-    assert f"stored  instance {source['ID']} (DX): fracture suspected (1 box(es))" in log
-    assert f"skipped series {ct['ParentSeries']}" in log and "modality CT is not a radiograph" in log
-    assert f"skipped instance {broken['ID']} (DX): undecodable" in log
-    assert "1 analysed and stored, 0 already done, 2 skipped, 0 failed" in log
-    assert server.password not in log
+    check_pass(log, server, source["ID"], ct["ParentSeries"], broken["ID"], "1 analysed and stored, 0 already done")
     assert len(server.instances()) == before + 2
 
     check_phantom_results(server, source["ID"], phantom, study)
@@ -311,8 +323,7 @@ def test_dicomweb_worker_stores_the_same_results_and_sees_what_rest_stored_and_v
     code, log = run_worker(capture, server.url, "--weights", str(weights))  # REST does the first radiograph
     assert code == 0 and "1 analysed and stored, 0 already done" in log, log
     second = server.upload(radiograph(phantom.pixels, study=study))
-    ct = server.upload(radiograph(make_phantom(64, 64, fractured=False, seed=1).pixels, study=study, modality="CT"))
-    broken = server.upload(radiograph(make_phantom(64, 64, seed=2).pixels, study=pydicom.uid.generate_uid(), truncate=True))
+    ct, broken = upload_others(server, study)
     uid_of = {name: server.file(inst["ID"]) for name, inst in (("first", first), ("second", second), ("ct", ct), ("broken", broken))}
     before = len(server.instances())
 
@@ -320,11 +331,8 @@ def test_dicomweb_worker_stores_the_same_results_and_sees_what_rest_stored_and_v
     assert code == 0, log
     assert f"DICOMweb service at {url}; model fake" in log
     assert f"done    instance {uid_of['first'].SOPInstanceUID} (DX): its Bone-R result is already stored" in log
-    assert f"stored  instance {uid_of['second'].SOPInstanceUID} (DX): fracture suspected (1 box(es))" in log
-    assert f"skipped series {uid_of['ct'].SeriesInstanceUID}" in log and "modality CT is not a radiograph" in log
-    assert f"skipped instance {uid_of['broken'].SOPInstanceUID} (DX): undecodable" in log
-    assert "1 analysed and stored, 1 already done, 2 skipped, 0 failed" in log
-    assert server.password not in log
+    check_pass(log, server, uid_of["second"].SOPInstanceUID, uid_of["ct"].SeriesInstanceUID,
+               uid_of["broken"].SOPInstanceUID, "1 analysed and stored, 1 already done")
     assert len(server.instances()) == before + 2
 
     sr = check_phantom_results(server, second["ID"], phantom, study)
