@@ -1,9 +1,13 @@
-"""Analyse the radiographs of an Orthanc PACS and store Bone-R's results (an SR and an annotated image) in their studies.
+"""Analyse the radiographs of a PACS and store Bone-R's results (an SR and an annotated image) in their studies.
 
     python scripts/pacs.py --url http://127.0.0.1:8042 --once      # every CR/DX/DR instance without a result yet
     python scripts/pacs.py --url http://127.0.0.1:8042 --watch     # the same every --interval seconds, until Ctrl-C
+    python scripts/pacs.py --dicomweb http://127.0.0.1:8042/dicom-web --once   # any DICOMweb server instead
 
-Credentials, when Orthanc asks for them, come from BONE_R_PACS_USER and BONE_R_PACS_PASSWORD (never the command
+--url talks to Orthanc's REST API; --dicomweb to any server that speaks DICOMweb (QIDO-RS, WADO-RS, STOW-RS; Orthanc
+with its DICOMweb plugin, among others). Both find and store the same results, so either sees what the other did.
+
+Credentials, when the server asks for them, come from BONE_R_PACS_USER and BONE_R_PACS_PASSWORD (never the command
 line, never printed). Idempotent: an instance whose result (same model, mode and threshold) is stored is left alone,
 so a second run adds nothing and a stopped run resumes. One log line per instance; other modalities and files that
 cannot be decoded are skipped with the reason. The work is `bone_r.pacs` and `bone_r.dicom_results`; the model is
@@ -29,7 +33,10 @@ from bone_r.modes import MODES
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=f"credentials: {pacs.USER_ENV}, {pacs.PASSWORD_ENV}. " + DISCLAIMER)
-    p.add_argument("--url", required=True, help="Orthanc's REST API, e.g. http://127.0.0.1:8042")
+    server = p.add_mutually_exclusive_group(required=True)
+    server.add_argument("--url", help="Orthanc's REST API, e.g. http://127.0.0.1:8042")
+    server.add_argument("--dicomweb", metavar="URL",
+                        help="a DICOMweb service's root (QIDO-RS, WADO-RS, STOW-RS), e.g. http://127.0.0.1:8042/dicom-web")
     run = p.add_mutually_exclusive_group(required=True)
     run.add_argument("--once", action="store_true", help="one pass over the server, then exit")
     run.add_argument("--watch", action="store_true", help="a pass every --interval seconds until interrupted")
@@ -43,7 +50,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="series modalities to analyse, comma-separated (default CR,DX,DR)")
     p.add_argument("--max-memory-mb", type=float, default=DEFAULT_MAX_MEMORY / 1e6,
                    help="skip images whose decode (and overlay) would need more memory, estimated from the header")
-    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one request to Orthanc")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds for one request to the server")
     return p
 
 
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     modalities = tuple(m.strip().upper() for m in args.modalities.split(",") if m.strip())
     try:
-        orthanc = pacs.Orthanc(args.url, pacs.credentials_from_env(), args.timeout)
-        version = orthanc.system().get("Version", "?")
+        kind = pacs.Orthanc if args.url else pacs.DicomWeb
+        server = kind(args.url or args.dicomweb, pacs.credentials_from_env(), args.timeout)
+        where = server.describe()
         predictor = inference.Predictor(args.weights, args.backend, args.device)
         threshold, _ = predictor.threshold(args.mode, args.conf)
     except (pacs.PacsError, FileNotFoundError, ValueError) as err:
@@ -82,13 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     identity = {"model": dicom_results.model_identity(predictor.card, predictor.weights, predictor.name),
                 "mode": args.mode, "threshold": threshold, "disclaimer": DISCLAIMER}
     analyse = make_analyse(predictor, args.mode, args.conf, identity, int(args.max_memory_mb * 1e6))
-    print(f"Orthanc {version} at {orthanc.url}; model {identity['model']['name']} ({identity['model']['version']}), "
+    print(f"{where}; model {identity['model']['name']} ({identity['model']['version']}), "
           f"{args.mode} mode, threshold {threshold:.3f}; analysing {'/'.join(modalities)}", flush=True)
     try:
         if args.watch:
-            counts = pacs.watch(orthanc, analyse, identity, args.interval, modalities)
+            counts = pacs.watch(server, analyse, identity, args.interval, modalities)
         else:
-            counts = pacs.run_once(orthanc, analyse, identity, modalities)
+            counts = pacs.run_once(server, analyse, identity, modalities)
     except KeyboardInterrupt:
         print("stopped; run again to go on where it stopped")
         return 130
