@@ -30,7 +30,16 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-from bone_r.dataset import IngestError, clip_xyxy, link_original, prepare_output, write_manifest, xyxy_to_yolo
+from bone_r.dataset import (
+    IngestError,
+    LabelError,
+    clip_xyxy,
+    link_original,
+    prepare_output,
+    read_label_rows,
+    write_manifest,
+    xyxy_to_yolo,
+)
 from bone_r.image import load_image
 from bone_r.runs import tqdm_bar
 
@@ -130,17 +139,17 @@ def load_coco(path: Path) -> tuple[dict[str, dict], dict[int, list[dict]]]:
     return images, anns
 
 
-def compare_with_yolo(rows: list[str], shipped: Path, tol: float = 0.01) -> bool:
-    """True when `rows` match the shipped label file within `tol` (box order ignored)."""
-    theirs = []
-    for line in shipped.read_text().splitlines():
-        parts = line.split()
-        if len(parts) >= 5:
-            theirs.append([float(v) for v in parts[1:5]])
-    ours = [[float(v) for v in r.split()[1:5]] for r in rows]
+def compare_with_yolo(boxes: list[tuple[float, float, float, float]], shipped: Path, tol: float = 0.01) -> bool:
+    """True when normalized xyxy `boxes` match the shipped label file's boxes within `tol` (order ignored); a
+    shipped file the one label reader refuses does not match."""
+    try:
+        theirs = sorted(row.xyxy() for row in read_label_rows(shipped))
+    except LabelError:
+        return False
+    ours = sorted(boxes)
     if len(theirs) != len(ours):
         return False
-    return all(max(abs(a - b) for a, b in zip(x, y, strict=True)) <= tol for x, y in zip(sorted(ours), sorted(theirs), strict=True))
+    return all(max(abs(a - b) for a, b in zip(x, y, strict=True)) <= tol for x, y in zip(ours, theirs, strict=True))
 
 
 def convert(args: argparse.Namespace) -> dict:
@@ -218,7 +227,7 @@ def convert(args: argparse.Namespace) -> dict:
             shipped = yolo_dir / f"{stem}.txt"
             if shipped.is_file():
                 stats["yolo_compared"] += 1
-                if not compare_with_yolo([xyxy_to_yolo(b) for b in boxes], shipped):
+                if not compare_with_yolo(boxes, shipped):
                     stats["yolo_disagree"] += 1
                     lists["yolo_disagree"].append(stem)
             if orientation not in (None, 1) and decoded_frame(path) == "stored":

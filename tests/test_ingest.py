@@ -355,3 +355,14 @@ def test_real_proximal_femur_groups(tmp_path: Path):
         groups.setdefault(r["group"], set()).add(r["label"])
     assert len(m) == 1062 and sum(r["label"] == "1" for r in m.values()) == 369
     assert len(groups) == 354 and all(len(v) == 1 for v in groups.values())  # 3 copies per radiograph, one label each
+
+
+def test_fracatlas_compares_its_boxes_with_the_shipped_yolo_labels_through_the_one_reader(tmp_path):
+    shipped = tmp_path / "a.txt"
+    shipped.write_text("\ufeff0 0.5 0.5 0.2 0.4\n\n0 0.1 0.1 0.1 0.1\n")  # a BOM and a blank line: still read
+    ours = [(0.05, 0.05, 0.15, 0.15), (0.4, 0.3, 0.6, 0.7)]
+    assert fracatlas_to_yolo.compare_with_yolo(ours, shipped)
+    assert not fracatlas_to_yolo.compare_with_yolo([(0.4, 0.3, 0.6, 0.72)] + ours[:1], shipped)  # 0.02 off
+    assert not fracatlas_to_yolo.compare_with_yolo(ours[:1], shipped)  # a box missing
+    shipped.write_text("0 0.5 0.5 0.2\n")  # a row the reader refuses: no match, not a crash
+    assert not fracatlas_to_yolo.compare_with_yolo(ours[:1], shipped)
