@@ -114,12 +114,13 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    from bone_r.card import ModelCard
     from bone_r.runs import save_checkpoint
 
     card_path = args.card or args.onnx.with_suffix(".json")
     try:
-        card = json.loads(card_path.read_text())
-        config = card["model_config"]
+        card = ModelCard.load(card_path)
+        config = card.extra["model_config"]
         state = recover_state(args.onnx, config)
     except (OSError, ValueError, KeyError) as err:
         print(f"onnx_to_pth: error: cannot read {card_path} or {args.onnx}: {err}", file=sys.stderr)
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, {"format": "bone-r-torchvision-1", "model": state, "config": config,
-                               "epoch": int(card.get("training", {}).get("epochs", 0)),
+                               "epoch": int(card.extra.get("training", {}).get("epochs", 0)),
                                "recovered_from": args.onnx.name, "stored_dtype": "float16" if args.fp16 else "float32"})
     print(f"onnx_to_pth: {len(state)} tensors -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
     if args.check:
