@@ -31,11 +31,25 @@ class RecoverError(Exception):
     pass
 
 
-def folded_norms(graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """conv weight name -> (scale, shift) of the Mul/Add pair that follows that convolution."""
+def initializers(graph) -> dict[str, np.ndarray]:
+    """The graph's constant tensors by the name its nodes use: a weight stored as float16 (`export_onnx.py
+    --store-fp16`: ``<name>_fp16`` cast back to ``<name>`` at the top of the graph) under ``<name>``, as float32."""
     from onnx import numpy_helper
 
-    consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    cast_back = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0].endswith("_fp16")}
+    out = {}
+    for init in graph.initializer:
+        value = numpy_helper.to_array(init)
+        if init.name in cast_back:
+            out[cast_back[init.name]] = value.astype(np.float32)
+        else:
+            out[init.name] = value
+    return out
+
+
+def folded_norms(graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """conv weight name -> (scale, shift) of the Mul/Add pair that follows that convolution."""
+    consts = initializers(graph)
     consumers: dict[str, list] = {}
     for node in graph.node:
         for name in node.input:
@@ -64,14 +78,13 @@ def folded_norms(graph) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 def recover_state(onnx_path: Path, config: dict) -> dict:
     import onnx
     import torch
-    from onnx import numpy_helper
 
     from models.backbones import EFFNET_BLOCK_CONV_NORMS, EFFNET_STEM_CONV_NORM
     from models.torchvision_det import build_model
 
     conv_before_norm = {norm: conv for conv, norm in (EFFNET_STEM_CONV_NORM, *EFFNET_BLOCK_CONV_NORMS)}
     graph = onnx.load(str(onnx_path)).graph
-    named = {i.name[len("model."):]: numpy_helper.to_array(i) for i in graph.initializer if i.name.startswith("model.")}
+    named = {name[len("model."):]: value for name, value in initializers(graph).items() if name.startswith("model.")}
     norms = folded_norms(graph)
     model = build_model(config)
     state = model.state_dict()
