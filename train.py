@@ -29,6 +29,7 @@ Research and teaching tool, not a diagnosis.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -199,6 +200,8 @@ def _yolo_callbacks(model: Any, run_dir: Path, stop_after: int | None) -> dict[s
         state["t_train"] = time.perf_counter()
 
     def on_fit_epoch_end(trainer):
+        if int(os.environ.get("RANK", -1)) > 0:  # a DDP worker of --device 0,1,...: rank 0 writes the log
+            return
         if state["t0"] is None:  # the final validation of best.pt also fires this event: not an epoch
             return
         now = time.perf_counter()
@@ -256,9 +259,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-scratch", action="store_true", help="if a named .pt cannot be fetched, train its .yaml from scratch")
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--imgsz", type=int, default=DEFAULT_IMGSZ)
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="images per step in all (Ultralytics splits it over the --device GPUs)")
     p.add_argument("--workers", type=int, default=2, help="data loader workers (the machine has 2 cores)")
-    p.add_argument("--device", default="cpu", help="cpu, 0, 0,1,2,3 (Ultralytics DDP)")
+    p.add_argument("--device", default="cpu",
+                   help="cpu, 0, or 0,1,2,3 for several GPUs: passed to Ultralytics, which then starts its own DDP process per GPU "
+                        "(run train.py with python, not torchrun; --batch is the total)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--patience", type=int, default=50, help="early stopping patience in epochs")
     p.add_argument("--optimizer", default="auto")
@@ -293,6 +298,40 @@ def _check_args(args: argparse.Namespace) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must lie in (0, 1]")
     if args.stop_after is not None and args.stop_after < 1:
         raise TrainError("--stop-after must be >= 1")
+    if args.stop_after and multi_device(args.device):
+        raise TrainError(f"--stop-after stops one process; with --device {args.device} Ultralytics' DDP workers cannot stop "
+                         "resumably: train to --epochs (or Ctrl-C and --resume)")
+    if any(k in os.environ for k in ("RANK", "LOCAL_RANK")):
+        raise TrainError("train.py was started by torchrun (RANK/LOCAL_RANK set): run it with python and --device 0,1,...; "
+                         "Ultralytics starts its own DDP processes (torchrun is for train_torchvision.py)")
+
+
+def multi_device(device: str) -> bool:
+    """Whether --device names several accelerators (Ultralytics then trains with DDP in worker processes)."""
+    return device.strip().lower() not in ("cpu", "mps") and len([d for d in device.split(",") if d.strip()]) > 1
+
+
+@contextlib.contextmanager
+def ultralytics_ddp_keeps_run_folder():
+    """Ultralytics' multi-GPU launch deletes its save_dir (our run folder) before it starts the DDP workers unless it
+    resumes; the folder holds this run's files and the dataset view the workers read. Keep it: the launch is told it
+    resumes (only that deletion reads the flag; the workers get the real arguments)."""
+    import ultralytics.engine.trainer as trainer_module
+
+    original = trainer_module.generate_ddp_command
+
+    def keep(trainer):
+        resume, trainer.resume = trainer.resume, True
+        try:
+            return original(trainer)
+        finally:
+            trainer.resume = resume
+
+    trainer_module.generate_ddp_command = keep
+    try:
+        yield
+    finally:
+        trainer_module.generate_ddp_command = original
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,7 +416,8 @@ def _explicit(argv: list[str]) -> set[str]:
 def _train_and_finish(model: Any, train_args: dict[str, Any], run_dir: Path, run: dict[str, Any], args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
-        model.train(**train_args)
+        with ultralytics_ddp_keeps_run_folder() if multi_device(str(train_args["device"])) else contextlib.nullcontext():
+            model.train(**train_args)
     except StopAfter as stop:
         print(f"stopped after epoch {stop.args[0]} as asked (--stop-after); continue with: "
               f"python train.py --name {run_dir.name} --resume")

@@ -4,6 +4,7 @@
         --imgsz 512 --epochs 24 --batch 4 --name retina-lite0-512
     python train_torchvision.py --name retina-lite0-512 --resume [--epochs 36]
     python train_torchvision.py ... --scratch       # the same budget without pretrained weights (for comparison)
+    torchrun --nproc_per_node 2 train_torchvision.py ... --batch 2 --name ddp   # data-parallel: 2 processes x 2 images
 
 Same YOLO tree and run-folder discipline as ``train.py`` (args.json, git_commit,
 splits_sha256, contract.json, run.json, train_log.csv, weights/{best,last}.pth,
@@ -20,12 +21,19 @@ Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.
 best.pth. Checkpoints are plain dicts of tensors and JSON values, read back with
 ``torch.load(..., weights_only=True)``.
 
+Under ``torchrun`` (RANK, WORLD_SIZE and LOCAL_RANK set) each process trains a DistributedDataParallel replica on
+its share of each epoch's seeded order (`bone_r.distributed`): ``--batch`` is per process, so the effective batch
+is --batch x processes and an epoch takes that many times fewer steps; rank 0 alone logs, validates and writes
+the run folder, whose run.json, train_log.csv and card say how many processes ran. Without those variables
+nothing changes.
+
 Research and teaching tool, not a diagnosis.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -35,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from bone_r import DISCLAIMER
+from bone_r import DISCLAIMER, distributed
 from bone_r.card import base_card, write_card
 from bone_r.contract import fit_long_side, scale_boxes, to_uint8
 from bone_r.dataset import load_dataset
@@ -307,7 +315,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 128 for effnet_lite0_fpn, 256 for resnet50_fpn)")
     p.add_argument("--imgsz", type=int, default=512, help="long side the model sees (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=24)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4,
+                   help="images per step and process: under torchrun the effective batch is --batch x processes "
+                        "(nothing is scaled for you, --lr and --warmup-iters included) (default: %(default)s)")
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default: %(default)s)")
     p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-iters", type=int, default=300)
@@ -321,11 +331,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="data loader workers (default 0: with the resize cache, loading costs less than a core lost to it)")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: every core, one fewer while another process keeps a core busy)")
+                   help="torch CPU threads (default: every core, one fewer while another process keeps a core busy; "
+                        "under torchrun: the node's cores / its processes)")
     p.add_argument("--cache", type=Path, default=ROOT / "cache" / "train-images",
                    help="keep images downscaled to --imgsz here for later epochs and runs (default: %(default)s)")
     p.add_argument("--no-cache", action="store_true", help="decode and downscale every image every epoch")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (default: %(default)s); under torchrun each process takes GPU LOCAL_RANK with NCCL, "
+                        "on CPU they talk over gloo")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--project", type=Path, default=DEFAULT_RUNS)
     p.add_argument("--name", default=None, help="run name (default: <arch>-<backbone>-<imgsz>)")
@@ -357,48 +370,87 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:
+    """One process, or one rank of a torchrun launch (RANK/WORLD_SIZE/LOCAL_RANK set): see bone_r.distributed."""
+    _check(args)
+    dist = distributed.from_env()
+    if dist is None:
+        return _train(args, argv, None, None)
+    dist, device = distributed.init(dist, args.device)
+    try:
+        if dist.is_main:
+            return _train(args, argv, dist, device)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # rank 0 logs; errors still reach stderr
+            return _train(args, argv, dist, device)
+    finally:
+        distributed.shutdown()
+
+
+def _open_resumed(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | None) -> tuple[Path, dict, dict, dict]:
+    """(run folder, its saved args, last.pth, run record) of the run --resume continues; `args` restored from it."""
+    if not args.name:
+        raise TrainError("--resume needs --name of the run to continue")
+    run_dir = prepare_run_dir(args.project, args.name, resume=True, exist_ok=False)
+    saved = read_json(run_dir / "args.json")["args"]
+    restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
+    last = run_dir / "weights" / "last.pth"
+    from models.torchvision_det import load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(last)
+    except (FileNotFoundError, ValueError) as err:
+        raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
+    if ckpt["epoch"] >= args.epochs:
+        raise TrainError(f"{run_dir.name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']} to train further")
+    run = note_resume(run_dir, "train_torchvision.py", argv, None if dist is None else {"distributed": dist.record(args.batch)})
+    return run_dir, saved, ckpt, run
+
+
+def _open_new(args: argparse.Namespace) -> Path:
+    name = args.name or f"{args.arch}-{args.backbone}-{args.imgsz}" + ("-scratch" if args.scratch else "")
+    run_dir = prepare_run_dir(args.project, name, resume=False, exist_ok=args.exist_ok)
+    if args.exist_ok and (run_dir / "train_log.csv").exists():
+        (run_dir / "train_log.csv").unlink()
+    return run_dir
+
+
+def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | None, device: Any) -> int:
+    """The training loop. With `dist`, this process is one rank of a torchrun launch on `device`: it trains on its
+    share of each epoch (`--batch` images per step and process), and rank 0 alone writes the run folder."""
     import torch
 
-    _check(args)
+    main_rank = dist is None or dist.is_main
     if args.resume:
-        if not args.name:
-            raise TrainError("--resume needs --name of the run to continue")
-        run_dir = prepare_run_dir(args.project, args.name, resume=True, exist_ok=False)
-        saved = read_json(run_dir / "args.json")["args"]
-        restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
-        last = run_dir / "weights" / "last.pth"
-        from models.torchvision_det import load_checkpoint
-
-        try:
-            ckpt = load_checkpoint(last)
-        except (FileNotFoundError, ValueError) as err:
-            raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
-        if ckpt["epoch"] >= args.epochs:
-            raise TrainError(f"{run_dir.name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']} to train further")
-        run = note_resume(run_dir, "train_torchvision.py", argv)
+        if dist is None:
+            run_dir, saved, ckpt, run = _open_resumed(args, argv, None)
+        else:  # rank 0 reads the run folder and hands it out: only its node needs the folder
+            run_dir, saved, ckpt, run = distributed.broadcast_result(dist, lambda: _open_resumed(args, argv, dist))
+            restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
         info = load_dataset(args.data, args.contract)
     else:
         args.data, args.contract = absolute(args.data), absolute(args.contract)  # a later --resume may run elsewhere
         info = load_dataset(args.data, args.contract)
-        name = args.name or f"{args.arch}-{args.backbone}-{args.imgsz}" + ("-scratch" if args.scratch else "")
-        run_dir = prepare_run_dir(args.project, name, resume=False, exist_ok=args.exist_ok)
-        if args.exist_ok and (run_dir / "train_log.csv").exists():
-            (run_dir / "train_log.csv").unlink()
+        run_dir = _open_new(args) if dist is None else distributed.broadcast_result(dist, lambda: _open_new(args))
         ckpt = None
         run = None
-    governor = ThreadGovernor(args.threads)
+    launch = None if dist is None else dist.record(args.batch)  # --batch as the run has it (a resume restores it)
+    if dist is None:
+        governor = ThreadGovernor(args.threads)
+        device = torch.device("cuda" if distributed.wants_cuda(args.device) and torch.cuda.is_available() else "cpu")
+    else:  # the node's cores shared evenly: a fixed count (another rank, not a stranger, keeps the other cores busy)
+        governor = ThreadGovernor(args.threads or distributed.threads_per_process(dist))
     seed_everything(args.seed)
-    device = torch.device("cuda" if (args.device.startswith("cuda") or args.device.isdigit()) and torch.cuda.is_available() else "cpu")
     train_gt, train_notes = load_split(args.data, "train", args.fraction, args.max_images, args.seed)
     val_gt, val_notes = load_split(args.data, "val", args.val_fraction, args.max_images, args.seed)
     for note in dict.fromkeys(train_notes + val_notes):
         print(f"note: {note}")
     if ckpt is None:
         model, config, started_from = make_model(args)
-        run = write_run_files(run_dir, "train_torchvision.py", argv, args, info, {
-            "backend": args.arch, "started_from": started_from, "config": config, "epochs_planned": args.epochs,
-            "seed": args.seed, "device": args.device, "train_images": len(train_gt.images), "val_images": len(val_gt.images),
-        })
+        if main_rank:
+            run = write_run_files(run_dir, "train_torchvision.py", argv, args, info, {
+                "backend": args.arch, "started_from": started_from, "config": config, "epochs_planned": args.epochs,
+                "seed": args.seed, "device": args.device, "train_images": len(train_gt.images), "val_images": len(val_gt.images),
+                **({} if launch is None else {"distributed": launch}),
+            })
         start_epoch, best_score, best_epoch = 0, -math.inf, 0
     else:
         from models.torchvision_det import build_model
@@ -409,22 +461,31 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         started_from = run["started_from"]
         start_epoch, best_score, best_epoch = int(ckpt["epoch"]), float(ckpt["best_score"]), int(ckpt["best_epoch"])
     model.to(device)
-    params = [p for p in model.parameters() if p.requires_grad]
+    net = model  # the detector itself: sizes, validation and checkpoints; `model` is what trains (DDP's wrapper under torchrun)
+    if dist is not None:  # after build_model folded the frozen norms; every rank starts from rank 0's weights
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    params = [p for p in net.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if ckpt is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
-    (run_dir / "weights").mkdir(exist_ok=True)
+    if main_rank:
+        (run_dir / "weights").mkdir(exist_ok=True)
     cache = None if args.no_cache else Path(args.cache) / f"long{args.imgsz}"
     train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip, cache_dir=cache)
     val_set = DetectionSet(val_gt.images, args.imgsz, train=False, cache_dir=cache)
     from models.torchvision_det import set_model_size
 
     sizes = sorted({max(64, round(args.imgsz * s / 32) * 32) for s in np.linspace(args.scale_min, 1.0, 6)})
-    iters_per_epoch = math.ceil(len(train_set) / args.batch)
+    per_rank = len(train_set) if dist is None else math.ceil(len(train_set) / dist.world_size)
+    iters_per_epoch = math.ceil(per_rank / args.batch)  # optimizer steps: W processes take W x fewer, each W x larger
     total_iters = iters_per_epoch * args.epochs
     warmup = min(args.warmup_iters, total_iters // 2)
     print(f"{args.arch} + {config['backbone']} ({started_from}) at {args.imgsz}px: {len(train_set)} train / {len(val_set)} val "
           f"images, epochs {start_epoch + 1}..{args.epochs} -> {display_path(run_dir)}")
+    if launch is not None:
+        print(f"distributed: {dist.world_size} processes on {dist.nnodes} node(s) ({dist.backend}, {device.type}), "
+              f"--batch {args.batch} per process = effective batch {launch['effective_batch']}, {iters_per_epoch} steps/epoch, "
+              f"{governor.threads} thread(s) per process; rank 0 logs, validates and writes {display_path(run_dir)}")
     from tqdm import tqdm
 
     done_now = 0
@@ -432,24 +493,28 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         t0 = time.perf_counter()
         seed_everything(args.seed * 1000 + epoch)  # per-epoch seeds: a resumed run replays the same order and jitter
         train_set.epoch_seed = args.seed * 1000 + epoch
-        generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True, num_workers=args.workers,
-                                             collate_fn=collate, generator=generator, drop_last=False)
+        if dist is None:
+            generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+                                                 collate_fn=collate, generator=generator, drop_last=False)
+        else:  # this rank's share of the same seeded order
+            loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, num_workers=args.workers, collate_fn=collate,
+                                                 sampler=distributed.train_sampler(train_set, dist, args.seed * 1000, epoch))
         rng = np.random.default_rng(args.seed * 1000 + epoch)
         model.train()
         sums: dict[str, float] = {}
         n_batches = skipped = 0
         for i, (images, targets) in enumerate(tqdm(loader, desc=f"epoch {epoch + 1}/{args.epochs}", unit="batch",
-                                                   leave=False, disable=args.quiet)):
+                                                   leave=False, disable=args.quiet or not main_rank)):
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * iters_per_epoch + i, total_iters, warmup, args.lr)
-            set_model_size(model, int(rng.choice(sizes)))
+            set_model_size(net, int(rng.choice(sizes)))
             governor.step()
             images = [im.to(device) for im in images]
             targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
             losses = model(images, targets)
             loss = sum(losses.values())
-            if not torch.isfinite(loss):
+            if not (torch.isfinite(loss) if dist is None else distributed.all_finite(loss)):
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)
                 if skipped > max(3, iters_per_epoch // 10):
@@ -464,9 +529,17 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
-        set_model_size(model, args.imgsz)
+        set_model_size(net, args.imgsz)
+        if dist is not None:  # the log's losses: the mean over every rank's batches
+            sums, n_batches = distributed.mean_over_ranks(sums, n_batches, device)
         train_seconds = time.perf_counter() - t0
-        metrics = validate(model, val_set, val_gt, device, progress=not args.quiet)
+        if not main_rank:  # rank 0 validates and writes; the others wait for it, then take the next epoch
+            distributed.barrier(dist)
+            done_now += 1
+            if args.stop_after and done_now >= args.stop_after and epoch + 1 < args.epochs:
+                return 0
+            continue
+        metrics = validate(net, val_set, val_gt, device, progress=not args.quiet)
         seconds = time.perf_counter() - t0
         map50 = metrics.get("map50")
         score = map50 if map50 is not None else -(sums.get("loss", 0.0) / max(1, n_batches))
@@ -476,25 +549,32 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                "lr": optimizer.param_groups[0]["lr"], "skipped_batches": skipped,
                "threads": governor.threads, "thread_switches": governor.switches,
                "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, len(train_set)), 4),
-               "seconds": round(seconds, 2)}
+               "seconds": round(seconds, 2),
+               **({} if launch is None else {"world_size": dist.world_size, "effective_batch": launch["effective_batch"]})}
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
-            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": model.state_dict(),
+            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
                                                                 "config": config, "epoch": epoch + 1, "val_map50": map50,
                                                                 "val_map50_95": metrics.get("map50_95")})
-        save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
+        save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": config,
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                                            "best_score": best_score, "best_epoch": best_epoch})
         log_epoch(run_dir, row)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "
               f"mAP50-95 {row['val_mAP50_95']:.4f}, {train_seconds:.1f} s train + {seconds - train_seconds:.1f} s val")
+        if dist is not None:
+            distributed.barrier(dist)
         done_now += 1
         if args.stop_after and done_now >= args.stop_after and epoch + 1 < args.epochs:
             print(f"stopped after epoch {epoch + 1} as asked (--stop-after); continue with: "
-                  f"python train_torchvision.py --name {run_dir.name} --resume")
+                  f"{'python' if dist is None else dist.launcher()} train_torchvision.py --name {run_dir.name} --resume")
             return 0
+    if not main_rank:
+        return 0
     best = run_dir / "weights" / "best.pth"
     training = training_summary(run_dir, run, args.seed, args.device)
+    if launch is not None:
+        training["distributed"] = launch  # this (the last) invocation's processes; run.json has each one's
     best_row = next((r for r in read_train_log(run_dir) if int(r["epoch"]) == best_epoch), {})
     card = base_card(
         name=run_dir.name, backend=config["arch"], architecture=f"{config['arch']}_{config['backbone']}", imgsz=config["imgsz"],

@@ -3,7 +3,7 @@
 Modules: `image` (decode, DICOM), `contract` (harmonize, the long-side resize, box scaling), `detection`
 (Detection, Prediction, records), `card` (the typed model card, its one writer and resolver), `modes` (operating
 modes), `dataset` (labels, splits.csv, ground truth), `metrics`, `report` (report text, tables and plots), `preprocess`
-(harmonizing a tree offline), `draw`, `site`, `runs` (run folders, seeds, threads, hashes), `fusion`, `synthetic` (phantoms for tests and demos),
+(harmonizing a tree offline), `draw`, `site`, `runs` (run folders, seeds, threads, hashes), `distributed` (torchrun ranks for the torchvision trainer), `fusion`, `synthetic` (phantoms for tests and demos),
 `dicom_results` (a prediction as DICOM: an SR and an annotated Secondary Capture in the source's study), `pacs` (the
 PACS worker that stores them).
 

@@ -290,11 +290,11 @@ def read_json(path: str | Path, what: str = "", error: type[Exception] = TrainEr
                     else f"cannot read {path}: {err}") from None
 
 
-def note_resume(run_dir: Path, script: str, argv: list[str]) -> dict[str, Any]:
-    """Record a --resume invocation in run.json; returns the run record."""
+def note_resume(run_dir: Path, script: str, argv: list[str], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Record a --resume invocation in run.json (with `extra`, e.g. a torchrun launch's processes); returns the run record."""
     run = read_json(run_dir / "run.json")
     run.setdefault("resumed", []).append({"command": command_line(script, argv), "at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-                                          "git_commit": git_commit() or "unknown"})
+                                          "git_commit": git_commit() or "unknown", **(extra or {})})
     (run_dir / "run.json").write_text(json.dumps(run, indent=2) + "\n")
     return run
 
@@ -325,6 +325,9 @@ def training_summary(run_dir: Path, run: dict[str, Any], seed: int, device: str)
     """The card's `training` block from the run's files."""
     rows = read_train_log(run_dir)
     seconds = [float(r["seconds"]) for r in rows if r.get("seconds")]
+    invocations = [run, *run.get("resumed", [])]
+    launched = {"world_size_per_invocation": [inv.get("distributed", {}).get("world_size", 1) for inv in invocations]} \
+        if any("distributed" in inv for inv in invocations) else {}  # a torchrun launch (bone_r.distributed) said so
     return {
         "command": run["command"],
         "resumed_with": [r["command"] for r in run.get("resumed", [])],
@@ -335,6 +338,7 @@ def training_summary(run_dir: Path, run: dict[str, Any], seed: int, device: str)
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "device": device_description(device),
         "seed": seed,
+        **launched,
     }
 
 

@@ -148,6 +148,8 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert {"loss", "classification", "bbox_regression", "val_mAP50", "val_mAP50_95", "seconds"} <= set(rows[0])
+    # one process (no torchrun variables): nothing about processes in the log or the run record, as before DDP support
+    assert "world_size" not in rows[0] and "distributed" not in json.loads((run / "run.json").read_text())
     assert all(0 <= float(r["val_mAP50"]) <= 1 for r in rows)
     best = run / "weights" / "best.pth"
     ckpt = torch.load(best, map_location="cpu", weights_only=True)
@@ -156,6 +158,7 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     assert card["backend"] == "retinanet" and card["architecture"] == "retinanet_effnet_lite0_fpn"
     assert card["started_from"].startswith("ImageNet EfficientNet-Lite0")
     assert card["training"]["epochs"] == 2 and card["contract"] == Contract(clahe_clip=0.0).to_dict()
+    assert not {"distributed", "world_size_per_invocation"} & set(card["training"])
     # resuming a finished run without more epochs is refused; --epochs extends it
     assert main(["--resume", *common]) == 2
     # the shared Predictor picks the backend from the card and maps boxes to original pixels

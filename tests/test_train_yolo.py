@@ -7,6 +7,7 @@ continues an interrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
@@ -126,6 +127,36 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert main(["--data", str(tmp_path / "missing.yaml"), "--model", "yolov8n.yaml"]) == 2
     assert main(["--data", str(yaml_path), "--imgsz", "100"]) == 2  # not a multiple of 32
     assert main(["--resume", "--name", "nope", "--project", str(tmp_path / "runs")]) == 2
+
+
+def test_several_gpus_go_to_ultralytics_ddp_with_the_run_folder_kept(tmp_path, monkeypatch, capsys):
+    """--device 0,1,... is Ultralytics' own DDP: its launch would delete the run folder (train.py's files and the
+    dataset view its workers read) before starting them; train.py keeps it, and refuses what cannot work there."""
+    from types import SimpleNamespace
+
+    import ultralytics.engine.trainer as trainer_module
+    import ultralytics.utils.dist as ultralytics_dist
+
+    from train import get_args_parser, main, multi_device, ultralytics_ddp_keeps_run_folder
+
+    assert [multi_device(d) for d in ("cpu", "0", "0,1", "0,1,2,3", "cuda:0")] == [False, False, True, True, False]
+    assert "0,1,2,3" in get_args_parser().format_help()
+    monkeypatch.setattr(ultralytics_dist, "generate_ddp_file", lambda trainer: str(tmp_path / "ddp.py"))
+    run_dir = tmp_path / "runs" / "y"
+    for keep in (True, False):
+        (run_dir / "dataset").mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text("{}")
+        trainer = SimpleNamespace(resume=False, save_dir=run_dir, world_size=2)
+        with ultralytics_ddp_keeps_run_folder() if keep else contextlib.nullcontext():
+            cmd, _ = trainer_module.generate_ddp_command(trainer)
+        assert "--nproc_per_node" in cmd and trainer.resume is False
+        assert (run_dir / "args.json").is_file() == keep  # Ultralytics alone deletes the folder
+    yaml_path = phantom_tree(tmp_path / "t", n=6)
+    assert main(["--data", str(yaml_path), "--device", "0,1", "--stop-after", "1", "--model", "yolov8n.yaml"]) == 2
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert main(["--data", str(yaml_path), "--model", "yolov8n.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "--stop-after" in err[0] and "torchrun" in err[1]
 
 
 # --------------------------------------------------------------------------- slow: real training
