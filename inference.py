@@ -16,6 +16,7 @@ import functools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,21 @@ class Predictor:
         t3 = time.perf_counter()
         timings.update(harmonize_ms=(t1 - t0) * 1e3, model_ms=(t2 - t1) * 1e3, post_ms=(t3 - t2) * 1e3)
         return Prediction(image, meta.width, meta.height, mode, threshold, source, detections, timings, meta)
+
+    def predict_paths(self, paths: list[Path], mode: str = "balanced", conf: float | None = None, workers: int = 0,
+                      worker_kind: str = "thread", **load_kw: Any) -> Iterator[tuple[Path, Prediction | ImageDecodeError, LoadedImage | None]]:
+        """``(path, prediction or the decode error, decoded image)`` for each path in order, with `workers` images
+        decoded ahead of the model on threads or processes (`bone_r.bulk.prefetch`); `load_kw` goes to `load_image`
+        (budgets), the contract is the model's."""
+        decode = functools.partial(timed_load, contract=self.contract, **load_kw)
+        for path, decoded in prefetch(decode, paths, workers, worker_kind):
+            if isinstance(decoded, ImageDecodeError):
+                yield path, decoded, None
+                continue
+            if isinstance(decoded, BaseException):
+                raise decoded
+            loaded, decode_ms = decoded
+            yield path, self.predict_loaded(loaded, str(path), mode, conf, timings={"decode_ms": decode_ms}), loaded
 
     def predict(self, source: str | Path | bytes, mode: str = "balanced", conf: float | None = None, **kw: Any) -> Prediction:
         """Decode, harmonize, detect, and map boxes back to original pixels."""
@@ -347,24 +363,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path}: skipped: {reason}", file=sys.stderr)
     # the overlay is drawn at the original size: its memory is part of the decode budget
     overlay_cost = OVERLAY_BYTES_PER_PIXEL if args.out else 0
-    decode = functools.partial(timed_load, max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
-                               extra_bytes_per_pixel=overlay_cost, contract=predictor.contract)
-    progress = prefetch(decode, images, args.workers, args.worker_kind)
+    progress = predictor.predict_paths(images, args.mode, args.conf, args.workers, args.worker_kind,
+                                       max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
+                                       extra_bytes_per_pixel=overlay_cost)
     if folder:
         from tqdm import tqdm
 
         progress = tqdm(progress, total=len(images), desc=f"predict{'' if shard == ALL else f' shard {shard}'}", unit="img")
     try:
-        for path, decoded in progress:
-            try:
-                if isinstance(decoded, BaseException):
-                    raise decoded
-                loaded, decode_ms = decoded
-                pred = predictor.predict_loaded(loaded, str(path), args.mode, args.conf, timings={"decode_ms": decode_ms})
-            except ImageDecodeError as err:
+        for path, pred, loaded in progress:
+            if isinstance(pred, ImageDecodeError):
                 failures += 1
-                emit({"image": str(path), "error": str(err)})
-                print(f"error: {path}: {err}", file=sys.stderr)
+                emit({"image": str(path), "error": str(pred)})
+                print(f"error: {path}: {pred}", file=sys.stderr)
                 continue
             if args.out:
                 out = overlay_path(args.out, args.image, path) if folder else args.out
