@@ -177,3 +177,14 @@ def test_prefetch_keeps_order_bounds_lookahead_and_hands_over_errors():
             assert len(started) <= i + 3  # at most workers + 1 ahead of the consumer
         consumed.append((i, result if not isinstance(result, Exception) else str(result)))
     assert consumed == [(i, "three" if i == 3 else i * i) for i in range(10)]
+
+
+def test_concatenated_shards_are_read_by_evaluate(tmp_path, folder):
+    from bone_r.detection import load_records
+
+    weights = write_fake_model(tmp_path / "m", TWO_BOXES)
+    for i in range(2):
+        inference.main(["--image", str(folder), "--weights", str(weights), "--shard", f"{i}/2", "--json", str(tmp_path / f"s{i}.jsonl")])
+    (tmp_path / "all.jsonl").write_text((tmp_path / "s0.jsonl").read_text() + (tmp_path / "s1.jsonl").read_text())
+    records = load_records(tmp_path / "all.jsonl")
+    assert len(records) == 12 and len({r["image"] for r in records}) == 12
