@@ -540,10 +540,12 @@ def _decoder_available(tsuid: Any) -> bool:
 
 
 # DICOM pixel-data decoders per compression family, tried in this order; a package that is not installed is skipped
-# and a decoder that fails hands over to the next. The order is measured (JOURNAL 2026-11-29, scripts/bench_decoders.py):
-# the fastest decoder whose pixels are identical to pylibjpeg's (the decoder before) comes first. For lossy JPEG
-# only pylibjpeg gives those pixels (the others round the inverse DCT differently), so it stays first there.
-# pydicom's own choice is never used for these: installing GDCM would silently change it.
+# and a decoder that fails hands over to the next. The order is measured (JOURNAL 2026-11-29, `scripts/bench_scale.py
+# decoders`): the decoder with the least CPU time whose pixels are identical to pylibjpeg's (the decoder before) comes
+# first: imagecodecs is 5.6x faster on JPEG-lossless and ties pylibjpeg on JPEG 2000 (both OpenJPEG); GDCM decodes
+# JPEG 2000 on two threads (faster only when a core is idle, ~20% more CPU). For lossy JPEG only pylibjpeg gives those
+# pixels (the others round the inverse DCT differently, by 1), so it stays first there. pydicom's own choice is never
+# used for these families: installing GDCM would silently change it (it prefers GDCM).
 DICOM_DECODERS: dict[str, tuple[str, ...]] = {
     "jpeg_lossless": ("imagecodecs", "gdcm", "pylibjpeg"),
     "jpeg_lossy": ("pylibjpeg", "pillow", "gdcm", "imagecodecs"),

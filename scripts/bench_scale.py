@@ -9,13 +9,15 @@ Every alternative is timed interleaved with the others in the same run (round-ro
 shared, noisy machine slows them alike; each row is the median of the repeats, and ratios come from one run.
 `predict` times `Predictor.predict_paths` (the loop `inference.py` runs) with the model loaded beforehand:
 images/s for each backend x decode workers. `decoders` decodes the first frame of each DICOM sample with every
-installed decoder of its family (`bone_r.image.DICOM_DECODERS`) and checks it against pylibjpeg's pixels.
+installed decoder of its family (`bone_r.image.DICOM_DECODERS`) and checks it against pylibjpeg's pixels, and times
+`load_image` end to end with the decoder order against pylibjpeg alone (the decoder before the order existed).
 `reduced` times `load_image` with the contract's `reduced_decode` off and on. Prints a JSON report (--out too).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -85,6 +87,17 @@ def bench_predict(args) -> dict[str, Any]:
     return {"images": display_path(args.images), "n": len(paths), "model_threads": args.threads, "rows": rows}
 
 
+@contextlib.contextmanager
+def _only_pylibjpeg():
+    """`DICOM_DECODERS` as the project decoded before the choice existed: pylibjpeg for every family."""
+    saved = dict(DICOM_DECODERS)
+    DICOM_DECODERS.update({family: ("pylibjpeg",) for family in saved})
+    try:
+        yield
+    finally:
+        DICOM_DECODERS.update(saved)
+
+
 def bench_decoders(args) -> dict[str, Any]:
     import pydicom
     from pydicom.pixels import get_decoder
@@ -102,24 +115,37 @@ def bench_decoders(args) -> dict[str, Any]:
             continue
         reference = decode_dicom_frame(ds, "pylibjpeg")
         times: dict[str, list[float]] = {n: [] for n in names}
+        cpu: dict[str, list[float]] = {n: [] for n in names}  # process CPU time: a decoder on several threads
         exact: dict[str, Any] = {}
         for _ in range(args.repeats):
             for name in names:
                 try:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     arr = decode_dicom_frame(ds, name)
                     times[name].append((time.perf_counter() - t0) * 1e3)
+                    cpu[name].append((time.process_time() - c0) * 1e3)
                     exact[name] = bool(arr.shape == reference.shape and np.array_equal(arr, reference))
                     if not exact[name] and arr.shape == reference.shape:
                         exact[name] = f"max |diff| {int(np.abs(arr.astype(np.int32) - reference).max())}"
                 except Exception as err:  # noqa: BLE001 - a decoder that cannot read this file: reported
                     exact[name] = f"fails: {type(err).__name__}"
+        # end to end (load_image: parse, decode, display rule): the decoder order now vs pylibjpeg alone (before)
+        load_now, load_before = [], []
+        for _ in range(args.repeats):
+            load_now.append(_ms(lambda p=path: load_image(p)))
+            with _only_pylibjpeg():
+                load_before.append(_ms(lambda p=path: load_image(p)))
         rows.append({"file": path.name, "syntax": tsuid.name, "size": [int(ds.Columns), int(ds.Rows)],
-                     "decoders": {n: {"ms_median": round(statistics.median(t), 1) if t else None, "identical": exact[n]}
-                                  for n, t in times.items()},
+                     "load_image_ms": {"pylibjpeg_only": round(statistics.median(load_before), 1),
+                                       "now": round(statistics.median(load_now), 1)},
+                     "decoders": {n: {"ms_median": round(statistics.median(t), 1) if t else None,
+                                      "cpu_ms_median": round(statistics.median(cpu[n]), 1) if t else None,
+                                      "identical": exact[n]} for n, t in times.items()},
                      "first_in_order": next((n for n in names if n in times and times[n]), None),
                      "fastest_identical": min((n for n in names if exact.get(n) is True and times[n]),
-                                              key=lambda n: statistics.median(times[n]), default=None)})
+                                              key=lambda n: statistics.median(times[n]), default=None),
+                     "least_cpu_identical": min((n for n in names if exact.get(n) is True and cpu[n]),
+                                                key=lambda n: statistics.median(cpu[n]), default=None)})
     return {"folder": display_path(args.dicom), "repeats": args.repeats, "order": DICOM_DECODERS, "rows": rows}
 
 
