@@ -1,7 +1,8 @@
 """Scaling benchmarks (issue 15): bulk prediction throughput, DICOM decoders, reduced-resolution decoding.
 
     python scripts/bench_scale.py predict --images data/merged/images/test --n 60 --repeats 3 --threads 1
-    python scripts/bench_scale.py decoders --dicom ../shared/data/dicom-samples --repeats 5
+    python scripts/bench_scale.py shards --images ../shared/data/fracatlas/images --counts 3 7 64
+    python scripts/bench_scale.py decoders --dicom ../shared/data/dicom-samples --repeats 7
     python scripts/bench_scale.py reduced --dicom ../shared/data/dicom-samples \\
         --jpegs ../shared/data/fracatlas/images/Fractured --png ../shared/data/grazpedwri-dx-sample --n 60 --repeats 3
 
@@ -43,6 +44,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     t.add_argument("--workers", default="0,1,2", help="decode workers to compare (comma-separated)")
     t.add_argument("--process-workers", default="2", help="also with process workers (comma-separated; '' for none)")
     t.add_argument("--threads", type=int, default=1, help="model CPU threads (set_threads)")
+    c = sub.add_parser("shards", help="check that N-way shards of a folder cover it exactly once (no model)")
+    c.add_argument("--images", type=Path, required=True)
+    c.add_argument("--counts", type=int, nargs="+", default=[3, 7, 64], help="the N values to check")
     d = sub.add_parser("decoders", help="DICOM first-frame decode ms per decoder, and pixel identity")
     d.add_argument("--dicom", type=Path, required=True, help="a folder of DICOM files")
     r = sub.add_parser("reduced", help="load_image ms with the contract's reduced_decode off and on")
@@ -51,10 +55,27 @@ def get_args_parser() -> argparse.ArgumentParser:
     r.add_argument("--png", type=Path, default=None, help="a folder of (16-bit) PNGs")
     r.add_argument("--n", type=int, default=60)
     r.add_argument("--side", type=int, default=512, help="the reduced_decode long side")
-    for s in (t, d, r):
+    for s in (t, c, d, r):
         s.add_argument("--repeats", type=int, default=3)
         s.add_argument("--out", type=Path, default=None, help="also write the JSON report here")
     return p
+
+
+def bench_shards(args) -> dict[str, Any]:
+    """Each N-way partition of the folder's entries as `inference.py --shard i/N` makes it: cover, overlap, sizes."""
+    from bone_r.bulk import Shard, relative_key
+    from bone_r.image import scan_folder
+
+    images, skipped = scan_folder(args.images)
+    entries = images + [p for p, _ in skipped]
+    key = relative_key(args.images)
+    rows = {}
+    for n in args.counts:
+        parts = [Shard(i, n).select(entries, key=key) for i in range(n)]
+        flat = [p for part in parts for p in part]
+        rows[str(n)] = {"in_shards": len(flat), "distinct": len(set(flat)), "equals_folder": set(flat) == set(entries),
+                        "smallest": min(map(len, parts)), "largest": max(map(len, parts))}
+    return {"images": display_path(args.images), "entries": len(entries), "shards": rows}
 
 
 def _ms(fn) -> float:
@@ -194,12 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         print("error: --repeats must be at least 1", file=sys.stderr)
         return 2
+    if args.what == "shards" and min(args.counts) < 1:
+        print("error: --counts must all be at least 1", file=sys.stderr)
+        return 2
     for name in ("images", "dicom", "jpegs", "png"):
         folder = getattr(args, name, None)
         if folder is not None and not folder.is_dir():
             print(f"error: --{name} {folder} is not a folder", file=sys.stderr)
             return 2
-    report = {"predict": bench_predict, "decoders": bench_decoders, "reduced": bench_reduced}[args.what](args)
+    report = {"predict": bench_predict, "shards": bench_shards, "decoders": bench_decoders,
+              "reduced": bench_reduced}[args.what](args)
     text = json.dumps(report, indent=1)
     print(text)
     if args.out:

@@ -35,3 +35,16 @@ def test_decoders_and_reduced_on_synthetic_files(tmp_path, capsys):
     groups = json.loads((tmp_path / "r.json").read_text())["groups"]
     assert groups["dicom"]["reduced_files"] == 1 and groups["jpeg"]["per_file"][0]["reduced"] == 4
     assert bench_scale.main(["reduced", "--jpegs", str(tmp_path / "missing")]) == 2
+
+
+def test_shards_report_exact_cover(tmp_path):
+    folder = tmp_path / "imgs"
+    (folder / "sub").mkdir(parents=True)
+    for i in range(10):
+        (folder / ("sub" if i % 3 else ".") / f"{i}.png").write_bytes(b"x")
+    (folder / "dangling.png").symlink_to(tmp_path / "missing.png")  # unreadable entries are sharded too
+    assert bench_scale.main(["shards", "--images", str(folder), "--counts", "1", "3", "4", "--out", str(tmp_path / "s.json")]) == 0
+    rows = json.loads((tmp_path / "s.json").read_text())["shards"]
+    assert all(r["in_shards"] == r["distinct"] == 11 and r["equals_folder"] for r in rows.values())
+    assert (rows["4"]["smallest"], rows["4"]["largest"]) == (2, 3)
+    assert bench_scale.main(["shards", "--images", str(folder), "--counts", "0"]) == 2
