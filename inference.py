@@ -12,10 +12,11 @@ Research and teaching tool, not a diagnosis.
 from __future__ import annotations
 
 import argparse
-import csv
+import functools
 import json
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from bone_r import DISCLAIMER
+from bone_r.bulk import ALL, ResumeError, ShardSpecError, StreamedOutput, parse_shard, prefetch, relative_key, resume
 from bone_r.card import ModelCard, load_model_card, resolve
 from bone_r.contract import Contract, harmonize, scale_boxes
-from bone_r.detection import CSV_FIELDS, Detection, Prediction, csv_rows, guess_type_and_severity
+from bone_r.detection import Detection, Prediction, guess_type_and_severity
 from bone_r.draw import encode_png, overlay_for
 from bone_r.image import (
     DEFAULT_MAX_MEMORY,
@@ -139,6 +141,21 @@ class Predictor:
         timings.update(harmonize_ms=(t1 - t0) * 1e3, model_ms=(t2 - t1) * 1e3, post_ms=(t3 - t2) * 1e3)
         return Prediction(image, meta.width, meta.height, mode, threshold, source, detections, timings, meta)
 
+    def predict_paths(self, paths: list[Path], mode: str = "balanced", conf: float | None = None, workers: int = 0,
+                      worker_kind: str = "thread", **load_kw: Any) -> Iterator[tuple[Path, Prediction | ImageDecodeError, LoadedImage | None]]:
+        """``(path, prediction or the decode error, decoded image)`` for each path in order, with `workers` images
+        decoded ahead of the model on threads or processes (`bone_r.bulk.prefetch`); `load_kw` goes to `load_image`
+        (budgets), the contract is the model's."""
+        decode = functools.partial(timed_load, contract=self.contract, **load_kw)
+        for path, decoded in prefetch(decode, paths, workers, worker_kind):
+            if isinstance(decoded, ImageDecodeError):
+                yield path, decoded, None
+                continue
+            if isinstance(decoded, BaseException):
+                raise decoded
+            loaded, decode_ms = decoded
+            yield path, self.predict_loaded(loaded, str(path), mode, conf, timings={"decode_ms": decode_ms}), loaded
+
     def predict(self, source: str | Path | bytes, mode: str = "balanced", conf: float | None = None, **kw: Any) -> Prediction:
         """Decode, harmonize, detect, and map boxes back to original pixels."""
         t0 = time.perf_counter()
@@ -232,6 +249,13 @@ def overlay_path(out: Path, folder: Path, image: Path) -> Path:
     return out / relative.parent / f"{relative.name}.png"
 
 
+def timed_load(path: Path, **kw: Any) -> tuple[LoadedImage, float]:
+    """`load_image` and its wall time in ms (module level: a process pool pickles it)."""
+    t0 = time.perf_counter()
+    loaded = load_image(path, **kw)
+    return loaded, (time.perf_counter() - t0) * 1e3
+
+
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Find and localize fractures on radiographs (research tool, not a diagnosis).",
@@ -242,8 +266,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="balanced", choices=MODES, help="operating point (thresholds from the model card)")
     p.add_argument("--conf", type=float, default=None, help="score threshold in [0, 1], overriding --mode")
     p.add_argument("--out", type=Path, default=None, help="overlay PNG (a folder when --image is a folder)")
-    p.add_argument("--json", type=Path, default=None, help="write the prediction(s) as JSON")
-    p.add_argument("--csv", type=Path, default=None, help="write a flat table, one row per detection")
+    p.add_argument("--json", type=Path, default=None,
+                   help="write the prediction(s) as JSON; a .jsonl path writes one record per line as each image "
+                        "finishes (shards concatenate with cat; --resume continues it)")
+    p.add_argument("--csv", type=Path, default=None,
+                   help="write a flat table, one row per detection, as each image finishes")
+    p.add_argument("--shard", default=None, metavar="i/N",
+                   help="folder mode: predict only shard i of N (0-based) of the folder's sorted images, so that N "
+                        "processes, machines or array jobs cover it exactly once, e.g. "
+                        "--shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT")
+    p.add_argument("--resume", action="store_true",
+                   help="folder mode: skip images already in the .jsonl/--csv output (a torn last record from a "
+                        "killed run is cut and predicted again) and append the rest")
+    p.add_argument("--workers", type=int, default=0,
+                   help="decode this many images ahead of the model on worker threads (0: decode in turn)")
+    p.add_argument("--worker-kind", default="thread", choices=("thread", "process"),
+                   help="decode workers are threads (default; the decoders release the GIL) or processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="refuse images with more pixels")
     p.add_argument("--max-memory-mb", type=float, default=DEFAULT_MAX_MEMORY / 1e6,
@@ -263,10 +301,46 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.image} does not exist", file=sys.stderr)
         return 2
     folder = args.image.is_dir()
+    if not folder and (args.shard or args.resume):
+        print("error: --shard and --resume need --image to be a folder", file=sys.stderr)
+        return 2
+    if args.workers < 0:
+        print(f"error: --workers must be 0 or more, got {args.workers}", file=sys.stderr)
+        return 2
+    try:
+        shard = parse_shard(args.shard) if args.shard is not None else ALL
+    except ShardSpecError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    jsonl = args.json is not None and args.json.suffix.lower() == ".jsonl"
+    if args.resume and (not (jsonl or args.csv) or (args.json and not jsonl)):
+        print("error: --resume appends to --json FILE.jsonl and/or --csv FILE (a .json array cannot be appended to)",
+              file=sys.stderr)
+        return 2
     images, skipped = scan_folder(args.image) if folder else ([args.image], [])
     if not images and not skipped:
         print(f"error: no images found in {args.image}", file=sys.stderr)
         return 2
+    if folder:  # one partition of images and unreadable entries alike, so each is reported by exactly one shard
+        entries = shard.select([(p, None) for p in images] + list(skipped), key=lambda e: relative_key(args.image)(e[0]))
+        images, skipped = [p for p, why in entries if why is None], [(p, why) for p, why in entries if why is not None]
+    streams = ([StreamedOutput(args.json, "jsonl")] if jsonl else []) + ([StreamedOutput(args.csv, "csv")] if args.csv else [])
+    done: set[str] = set()
+    if args.resume:
+        try:
+            state = resume(streams)
+        except (ResumeError, UnicodeDecodeError) as err:
+            print(f"error: cannot resume: {err}", file=sys.stderr)
+            return 2
+        done = state.done
+        for path, cut in state.cut_bytes.items():
+            if cut:
+                print(f"resume: cut {cut} byte(s) of a torn or partial last record from {path}; "
+                      "that image is predicted again", file=sys.stderr)
+        before = len(images) + len(skipped)
+        images = [p for p in images if str(p) not in done]
+        skipped = [(p, why) for p, why in skipped if str(p) not in done]
+        print(f"resume: {before - len(images) - len(skipped)} of {before} image(s) of this shard already done")
     try:
         predictor = Predictor(args.weights, args.backend, args.device, max_pixels=args.max_pixels)
     except (FileNotFoundError, ValueError) as err:
@@ -274,53 +348,54 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if folder and args.out:
         args.out.mkdir(parents=True, exist_ok=True)
+    for stream in streams:
+        stream.open(append=args.resume)
     records, failures = [], 0
+
+    def emit(record: dict[str, Any]) -> None:
+        records.append(record)
+        for stream in streams:
+            stream.write(record)
+
     for path, reason in skipped:  # reported like any image that failed: a line here, a record in the JSON/CSV
         failures += 1
-        records.append({"image": str(path), "error": f"skipped: {reason}"})
+        emit({"image": str(path), "error": f"skipped: {reason}"})
         print(f"error: {path}: skipped: {reason}", file=sys.stderr)
-    progress = images
+    # the overlay is drawn at the original size: its memory is part of the decode budget
+    overlay_cost = OVERLAY_BYTES_PER_PIXEL if args.out else 0
+    progress = predictor.predict_paths(images, args.mode, args.conf, args.workers, args.worker_kind,
+                                       max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
+                                       extra_bytes_per_pixel=overlay_cost)
     if folder:
         from tqdm import tqdm
 
-        progress = tqdm(images, desc="predict", unit="img")
-    # the overlay is drawn at the original size: its memory is part of the decode budget
-    overlay_cost = OVERLAY_BYTES_PER_PIXEL if args.out else 0
-    for path in progress:
-        try:
-            t0 = time.perf_counter()
-            loaded = load_image(path, max_pixels=args.max_pixels, max_memory=int(args.max_memory_mb * 1e6),
-                                extra_bytes_per_pixel=overlay_cost, contract=predictor.contract)
-            decode_ms = (time.perf_counter() - t0) * 1e3
-            pred = predictor.predict_loaded(loaded, str(path), args.mode, args.conf, timings={"decode_ms": decode_ms})
-        except ImageDecodeError as err:
-            failures += 1
-            records.append({"image": str(path), "error": str(err)})
-            print(f"error: {path}: {err}", file=sys.stderr)
-            continue
-        records.append(pred.to_record())
-        if args.out:
-            out = overlay_path(args.out, args.image, path) if folder else args.out
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_bytes(encode_png(overlay_for(pred, loaded)))
-        if not folder:
-            verdict = "FRACTURE SUSPECTED" if pred.fracture_detected else "no fracture found"
-            print(f"{path}: {verdict} ({len(pred.detections)} box(es) >= {pred.threshold:.3f}, mode {args.mode}, "
-                  f"threshold from {pred.threshold_source})")
-            for det in pred.detections:
-                print(f"  {det.label} {det.score:.3f} at {[round(v) for v in det.xyxy]}  "
-                      f"[{det.hints['type']}, {det.hints['severity']} - best guess]")
-    if args.json:
+        progress = tqdm(progress, total=len(images), desc=f"predict{'' if shard == ALL else f' shard {shard}'}", unit="img")
+    try:
+        for path, pred, loaded in progress:
+            if isinstance(pred, ImageDecodeError):
+                failures += 1
+                emit({"image": str(path), "error": str(pred)})
+                print(f"error: {path}: {pred}", file=sys.stderr)
+                continue
+            if args.out:
+                out = overlay_path(args.out, args.image, path) if folder else args.out
+                out.parent.mkdir(parents=True, exist_ok=True)
+                out.write_bytes(encode_png(overlay_for(pred, loaded)))
+            emit(pred.to_record())  # after the overlay: an image in the output is finished
+            if not folder:
+                verdict = "FRACTURE SUSPECTED" if pred.fracture_detected else "no fracture found"
+                print(f"{path}: {verdict} ({len(pred.detections)} box(es) >= {pred.threshold:.3f}, mode {args.mode}, "
+                      f"threshold from {pred.threshold_source})")
+                for det in pred.detections:
+                    print(f"  {det.label} {det.score:.3f} at {[round(v) for v in det.xyxy]}  "
+                          f"[{det.hints['type']}, {det.hints['severity']} - best guess]")
+    finally:
+        for stream in streams:
+            stream.close()
+    if args.json and not jsonl:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = records if folder else records[0]
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    if args.csv:
-        args.csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
-            writer.writeheader()
-            for rec in records:
-                writer.writerows(csv_rows(rec))
     if folder:
         positives = sum(1 for r in records if r.get("fracture_detected"))
         print(f"{len(records) - failures} image(s) predicted, {positives} with a suspected fracture, {failures} failed")

@@ -55,6 +55,7 @@ class ImageInfo(BaseModel):
     channels: int
     repaired: bool = Field(description="a truncated JPEG was completed before decoding")
     dicom: dict[str, Any] = Field(default_factory=dict, description="DICOM tags used for display (no patient data)")
+    reduced: int = Field(1, description="decoded at 1/reduced of width x height (the model card's reduced_decode rule)")
 
 
 class Consult(BaseModel):

@@ -32,6 +32,12 @@ class Contract:
     - ``dicom_voi``: the DICOM display rule. ``standard``: Modality LUT
       (RescaleSlope/Intercept), then the VOI LUT Sequence if present, else the
       first WindowCenter/WindowWidth pair, else min..max; MONOCHROME1 inverted.
+    - ``reduced_decode``: 0 (off, the default) or a long side N: a JPEG file or a JPEG 2000 DICOM frame
+      may be decoded at 1/2, 1/4 or 1/8 of its size (libjpeg DCT scaling, OpenJPEG resolution levels),
+      the strongest reduction whose long side stays >= N
+      (`decode_reduction`); the ``max_side`` resize still follows. It changes the pixels a model sees, so it
+      is a rule like the others; recorded in ``to_dict`` only when on, so cards and manifests written
+      before it existed read as off (JOURNAL 2026-11-29 measures it).
     """
 
     clahe_clip: float = 2.0
@@ -40,6 +46,7 @@ class Contract:
     high_bit_rule: str = "minmax"
     dicom_voi: str = "standard"
     version: int = 1
+    reduced_decode: int = 0
 
     def __post_init__(self):
         if not (self.clahe_clip >= 0 and math.isfinite(self.clahe_clip)):
@@ -52,9 +59,24 @@ class Contract:
             raise ValueError(f"high_bit_rule must be one of {sorted(HIGH_BIT_RULES)}, got {self.high_bit_rule!r}")
         if self.dicom_voi not in DICOM_VOI_RULES:
             raise ValueError(f"dicom_voi must be one of {list(DICOM_VOI_RULES)}, got {self.dicom_voi!r}")
+        if isinstance(self.reduced_decode, bool) or not isinstance(self.reduced_decode, int) or not (
+                self.reduced_decode == 0 or self.reduced_decode >= 32):
+            raise ValueError(f"reduced_decode must be 0 (off) or a long side >= 32, got {self.reduced_decode!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if not self.reduced_decode:  # off: absent, as in every card and manifest written before the rule existed
+            del data["reduced_decode"]
+        return data
+
+    def decode_reduction(self, width: int, height: int) -> int:
+        """1, 2, 4 or 8: the factor `reduced_decode` allows for an image of this size (1 when off)."""
+        if not self.reduced_decode:
+            return 1
+        for factor in (8, 4, 2):
+            if max(width, height) // factor >= self.reduced_decode:
+                return factor
+        return 1
 
     def harmonize(self, gray: np.ndarray) -> np.ndarray:
         """`harmonize` under this contract."""

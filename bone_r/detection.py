@@ -4,6 +4,7 @@ prediction records (read, write, match to images). Research and teaching tool, n
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -261,9 +262,19 @@ class ImagePrediction:
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """The records of a results.json (`inference.py --json`): a list, one record, or {"predictions": [...]}."""
+    """The records of a results.json (`inference.py --json`): a list, one record, or {"predictions": [...]}; or of a
+    .jsonl file (`--json x.jsonl`, sharded outputs concatenated): one record per line."""
     path = Path(path)
-    data = read_json(path, "predictions file", EvaluationError)
+    if path.suffix.lower() == ".jsonl" and path.is_file():
+        data = []
+        for number, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    data.append(json.loads(line))
+                except ValueError:
+                    raise EvaluationError(f"{path}: line {number} is not a JSON record") from None
+    else:
+        data = read_json(path, "predictions file", EvaluationError)
     if isinstance(data, dict):
         data = data.get("predictions", [data]) if "image" not in data else [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) and "image" in r for r in data):

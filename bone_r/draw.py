@@ -351,8 +351,13 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 
 def render(loaded: Any, detections: Sequence[Any], **kw: Any) -> np.ndarray:
-    """The overlay of `detections` on a decoded image: `draw_overlay` on its display view."""
-    return draw_overlay(display_image(loaded.pixels), detections, **kw)
+    """The overlay of `detections` on a decoded image: `draw_overlay` on its display view, at the original size
+    (an image decoded reduced, `ImageMeta.reduced`, is scaled back up: boxes are in original pixels)."""
+    view = display_image(loaded.pixels)
+    meta = getattr(loaded, "meta", None)
+    if meta is not None and getattr(meta, "reduced", 1) > 1 and (view.shape[1], view.shape[0]) != meta.size:
+        view = cv2.resize(view, meta.size, interpolation=cv2.INTER_LINEAR)
+    return draw_overlay(view, detections, **kw)
 
 
 def overlay_for(prediction: Any, loaded: Any, **kw: Any) -> np.ndarray:

@@ -53,6 +53,7 @@ class ImageMeta:
     channels: int  # channels in the file, before conversion to grayscale
     repaired: bool = False  # a truncated JPEG was completed before decoding
     dicom: dict[str, Any] = field(default_factory=dict)  # DICOM tags used, and the VOI rule applied
+    reduced: int = 1  # decoded at 1/reduced of width x height (the contract's `reduced_decode` rule); 1: full size
 
     @property
     def size(self) -> tuple[int, int]:
@@ -148,14 +149,15 @@ def load_image(
             "not an image we can read: expected PNG, JPEG, TIFF, BMP or DICOM (with the DICM preamble)",
             "unsupported",
         )
+    contract = contract or Contract()
     if fmt == "dicom":
         try:
-            return _load_dicom(data, max_pixels, max_memory, extra_bytes_per_pixel, (contract or Contract()).dicom_voi)
+            return _load_dicom(data, max_pixels, max_memory, extra_bytes_per_pixel, contract.dicom_voi, contract)
         except ImageDecodeError:
             raise
         except Exception as err:  # noqa: BLE001 - pydicom parses lazily: a malformed element raises wherever it is read
             raise ImageDecodeError(f"the DICOM file is malformed ({type(err).__name__})", "corrupt") from None
-    return _load_raster(data, fmt, max_pixels, max_memory, extra_bytes_per_pixel)
+    return _load_raster(data, fmt, max_pixels, max_memory, extra_bytes_per_pixel, contract)
 
 
 def _read_file(path: Path, max_memory: int) -> bytes:
@@ -322,7 +324,11 @@ def _png_chunks_fit(data: bytes) -> bool:
     return True
 
 
-def _load_raster(data: bytes, fmt: str, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float) -> LoadedImage:
+_REDUCED_GRAY = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+
+
+def _load_raster(data: bytes, fmt: str, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float,
+                 contract: Contract | None = None) -> LoadedImage:
     width, height, per_pixel = _raster_header(data, fmt)
     _check_pixels(width, height, max_pixels)
     _check_memory(f"{fmt.upper()} image", width, height, per_pixel, 2 * len(data), max_memory, extra_bytes_per_pixel)
@@ -332,9 +338,15 @@ def _load_raster(data: bytes, fmt: str, max_pixels: int, max_memory: int, extra_
     if fmt == "jpeg" and _jpeg_is_truncated(data):
         data = data + b"\xff\xd9"
         repaired = True
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    # the contract's reduced decoding: libjpeg's DCT scaling decodes 1/2, 1/4 or 1/8 of the pixels (gray, 8 bits)
+    reduced = (contract or Contract()).decode_reduction(width, height) if fmt == "jpeg" else 1
+    full_size = width, height
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), _REDUCED_GRAY.get(reduced, cv2.IMREAD_UNCHANGED))
     if arr is None or arr.size == 0:
         raise ImageDecodeError(f"the {fmt.upper()} data is corrupt and could not be decoded", "corrupt")
+    if reduced > 1:
+        gray = arr
+        return LoadedImage(gray, ImageMeta(fmt, 8, *full_size, _jpeg_header(data)[2] or 1, repaired, reduced=reduced))
     channels = 1 if arr.ndim == 2 else arr.shape[2]
     gray = _to_gray(arr)
     if gray.dtype == np.uint8:
@@ -527,11 +539,142 @@ def _decoder_available(tsuid: Any) -> bool:
         return False
 
 
-def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float, voi_rule: str = "standard") -> LoadedImage:
+# DICOM pixel-data decoders per compression family, tried in this order; a package that is not installed is skipped
+# and a decoder that fails hands over to the next. The order is measured (JOURNAL 2026-11-29, `scripts/bench_scale.py
+# decoders`): the decoder with the least CPU time whose pixels are identical to pylibjpeg's (the decoder before) comes
+# first: imagecodecs is 5.6x faster on JPEG-lossless and ties pylibjpeg on JPEG 2000 (both OpenJPEG); GDCM decodes
+# JPEG 2000 on two threads (faster only when a core is idle, ~20% more CPU). For lossy JPEG only pylibjpeg gives those
+# pixels (the others round the inverse DCT differently, by 1), so it stays first there. pydicom's own choice is never
+# used for these families: installing GDCM would silently change it (it prefers GDCM).
+DICOM_DECODERS: dict[str, tuple[str, ...]] = {
+    "jpeg_lossless": ("imagecodecs", "gdcm", "pylibjpeg"),
+    "jpeg_lossy": ("pylibjpeg", "pillow", "gdcm", "imagecodecs"),
+    "jpegls": ("imagecodecs", "pyjpegls", "pylibjpeg", "gdcm"),
+    "jpeg2000": ("imagecodecs", "pylibjpeg", "gdcm", "pillow"),
+}
+
+
+def dicom_family(tsuid: Any) -> str | None:
+    """The compression family of a transfer syntax (a key of `DICOM_DECODERS`), or None (native, RLE, unknown)."""
+    import pydicom.uid as uids
+
+    if tsuid in (uids.JPEGLossless, uids.JPEGLosslessSV1):
+        return "jpeg_lossless"
+    if tsuid in uids.JPEGTransferSyntaxes:
+        return "jpeg_lossy"
+    if tsuid in uids.JPEGLSTransferSyntaxes:
+        return "jpegls"
+    if tsuid in uids.JPEG2000TransferSyntaxes or str(tsuid).startswith("1.2.840.10008.1.2.4.20"):  # with HTJ2K
+        return "jpeg2000"
+    return None
+
+
+def _plain_gray(ds: Any) -> bool:
+    """One unsigned sample of 8 or 16 bits: the layout the frame-level decoders below return as pydicom would."""
+    return (int(ds.get("SamplesPerPixel", 1) or 1) == 1 and int(ds.get("PixelRepresentation", 0) or 0) == 0
+            and int(ds.get("BitsAllocated", 16) or 16) in (8, 16))
+
+
+def _first_frame(ds: Any) -> bytes:
+    from pydicom.encaps import generate_frames
+
+    return next(generate_frames(ds.PixelData, number_of_frames=int(ds.get("NumberOfFrames", 1) or 1)))
+
+
+def _imagecodecs_frame(ds: Any, family: str) -> np.ndarray | None:
+    """The first frame through imagecodecs (libjpeg-turbo, CharLS, OpenJPEG), or None where it does not apply."""
+    if not _plain_gray(ds):
+        return None
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    decode = {"jpeg_lossless": imagecodecs.jpeg8_decode, "jpeg_lossy": imagecodecs.jpeg8_decode,
+              "jpegls": imagecodecs.jpegls_decode, "jpeg2000": imagecodecs.jpeg2k_decode}[family]
+    arr = decode(_first_frame(ds))
+    dtype = np.uint8 if int(ds.get("BitsAllocated", 16) or 16) == 8 else np.uint16
+    if arr.shape != (int(ds.Rows), int(ds.Columns)) or arr.dtype.itemsize > np.dtype(dtype).itemsize:
+        return None
+    return arr.astype(dtype, copy=False)
+
+
+def j2k_reduced_frame(ds: Any, level: int) -> np.ndarray | None:
+    """The first JPEG 2000 frame decoded `level` resolution levels down (OpenJPEG's reduce, through Pillow), with
+    pydicom's bit shift; None where that does not apply (signed or colour data, too few levels)."""
+    if not _plain_gray(ds):
+        return None
+    from PIL import Image
+
+    frame = _first_frame(ds)
+    start = frame.find(b"\xff\x4f\xff\x51")
+    if start < 0 or len(frame) < start + 44:
+        return None
+    ssiz = frame[start + 42]
+    if ssiz & 0x80:  # signed samples
+        return None
+    precision = (ssiz & 0x7F) + 1
+    try:
+        with Image.open(io.BytesIO(frame)) as im:
+            im.reduce = level
+            im.load()
+            arr = np.array(im)
+    except Exception:  # noqa: BLE001 - fewer resolution levels than asked, or a codestream Pillow refuses
+        return None
+    bits = int(ds.get("BitsAllocated", 16) or 16)
+    arr = arr.astype(np.uint8 if bits == 8 else np.uint16, copy=False)
+    if arr.dtype == np.uint16 and precision < 16:
+        np.right_shift(arr, 16 - precision, out=arr)  # Pillow widens N-bit samples to 16 bits
+    return arr
+
+
+def decode_dicom_frame(ds: Any, decoder: str) -> np.ndarray:
+    """The first frame of `ds` through one named decoder (a `DICOM_DECODERS` entry); raises if it cannot."""
+    from pydicom.pixels import pixel_array
+
+    family = dicom_family(ds.file_meta.TransferSyntaxUID)
+    if decoder == "imagecodecs":
+        arr = _imagecodecs_frame(ds, family) if family else None
+        if arr is None:
+            raise ValueError("imagecodecs does not apply to this frame")
+        return arr
+    return pixel_array(ds, index=0, decoding_plugin=decoder)
+
+
+def _decode_dicom_pixels(ds: Any, tsuid: Any, reduction: int) -> tuple[np.ndarray, str, int]:
+    """(first frame, decoder used, reduction applied): the reduced JPEG 2000 decode when the contract allows it,
+    else the first `DICOM_DECODERS` entry that is installed and succeeds, else pydicom's own (native, RLE)."""
+    from pydicom.pixels import get_decoder, pixel_array
+
+    family = dicom_family(tsuid)
+    if family == "jpeg2000" and reduction > 1:
+        arr = j2k_reduced_frame(ds, reduction.bit_length() - 1)
+        if arr is not None:
+            return arr, "pillow-reduced", reduction
+    if family is None:
+        return pixel_array(ds, index=0), "pydicom", 1
+    try:
+        plugins = set(get_decoder(tsuid).available_plugins)
+    except Exception:  # noqa: BLE001 - no pydicom decoder for this syntax at all
+        plugins = set()
+    error: Exception | None = None
+    for name in DICOM_DECODERS[family]:
+        if name != "imagecodecs" and name not in plugins:
+            continue
+        try:
+            return decode_dicom_frame(ds, name), name, 1
+        except Exception as err:  # noqa: BLE001 - the next decoder may read it; the last error is reported
+            error = err
+    if error is None:
+        error = RuntimeError("no installed decoder")
+    raise error
+
+
+def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_pixel: float, voi_rule: str = "standard",
+                contract: Contract | None = None) -> LoadedImage:
     if voi_rule not in DICOM_VOI_RULES:  # "standard" is the only DICOM display rule so far: the steps below
         raise ValueError(f"unknown DICOM display rule {voi_rule!r}; known: {list(DICOM_VOI_RULES)}")
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi, pixel_array
+    from pydicom.pixels import apply_modality_lut, apply_voi
 
     stream, deflated_syntax = _dicom_stream(data, min(MAX_INFLATED_DICOM, max_memory // 2))
     try:
@@ -569,7 +712,7 @@ def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_p
     _check_memory("DICOM image", cols, rows, per_pixel, held, max_memory, extra_bytes_per_pixel)
     try:
         # Only the first frame: pydicom decodes every frame the data holds, even past NumberOfFrames.
-        pixels = pixel_array(ds, index=0)
+        pixels, decoder, reduced = _decode_dicom_pixels(ds, tsuid, (contract or Contract()).decode_reduction(cols, rows))
     except Exception as err:  # noqa: BLE001 - the pixel handlers raise various types
         syntax = f"{tsuid.name} ({tsuid})" if tsuid is not None else "unknown"
         try:
@@ -598,8 +741,10 @@ def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_p
         photometric = "RGB"
     elif pixels.ndim == 3:  # 2 samples per pixel: not a radiograph layout; keep the first
         pixels = pixels[:, :, 0]
-    if pixels.shape != (rows, cols):
-        raise ImageDecodeError(f"the DICOM pixel data ({pixels.shape}) does not match its Rows x Columns ({rows}x{cols})", "corrupt")
+    tags["decoder"] = decoder
+    if pixels.shape != (-(-rows // reduced), -(-cols // reduced)):
+        raise ImageDecodeError(f"the DICOM pixel data ({pixels.shape}) does not match its Rows x Columns ({rows}x{cols})"
+                               + (f" reduced {reduced}x" if reduced > 1 else ""), "corrupt")
     if "RescaleSlope" in ds or "RescaleIntercept" in ds:
         for key, default in (("RescaleSlope", 1), ("RescaleIntercept", 0)):
             value = float(ds.get(key, default) or default)
@@ -650,7 +795,7 @@ def _load_dicom(data: bytes, max_pixels: int, max_memory: int, extra_bytes_per_p
         np.subtract(1.0, display, out=display)
     display *= 255.0
     gray = np.round(display, out=display).astype(np.uint8)
-    meta = ImageMeta("dicom", tags["BitsStored"] or 8, cols, rows, samples, dicom=tags)
+    meta = ImageMeta("dicom", tags["BitsStored"] or 8, cols, rows, samples, dicom=tags, reduced=reduced)
     return LoadedImage(gray, meta)
 
 

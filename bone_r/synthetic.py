@@ -96,7 +96,7 @@ def make_dicom(
     window: tuple | None = None,  # (center, width) or ([c1, c2], [w1, w2])
     voi_lut: np.ndarray | None = None,  # LUT entries, first input value 0, 16-bit output
     voi_function: str | None = None,
-    compress: str | None = None,  # "rle" or "jpeg2000"
+    compress: str | None = None,  # "rle", "jpeg2000" or "jpegls" (lossless)
     preamble: bool = True,
 ) -> bytes:
     """A minimal DX DICOM file around `stored` (uint16 or uint8), written with pydicom."""
@@ -146,6 +146,10 @@ def make_dicom(
         from pydicom.uid import JPEG2000Lossless
 
         ds.compress(JPEG2000Lossless)
+    elif compress == "jpegls":
+        from pydicom.uid import JPEGLSLossless
+
+        ds.compress(JPEGLSLossless)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, ds, enforce_file_format=True)
     data = buf.getvalue()

@@ -100,7 +100,9 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     out += [f"- Detector: `{card.get('architecture')}` (backend `{card.get('backend')}`), classes {card.get('classes')}, "
             f"input long side {card.get('imgsz')} px.",
             f"- Started from: {card.get('started_from')}.",
-            f"- Harmonization contract (applied to every image at prediction time, as in training): `{json.dumps(card.get('contract'))}`.",
+            f"- Harmonization contract (applied to every image at prediction time, as in training): `{json.dumps(card.get('contract'))}`"
+            f"; reduced-resolution decoding (`reduced_decode`): "
+            f"{(card.get('contract') or {}).get('reduced_decode') or 'off'} (JOURNAL 2026-11-29).",
             f"- Trained with: `{training.get('command')}`",
             f"  ({training.get('epochs')} epochs, {num(training.get('wall_time_s'), 0)} s wall time, "
             f"{num(training.get('seconds_per_epoch'), 0)} s/epoch on {training.get('device')}, seed {training.get('seed')}, "
