@@ -753,6 +753,22 @@ def test_choose_box_rule_removes_nested_copies_and_keeps_map():
     assert sum(r["chosen"] for r in table) == 1
 
 
+def test_choose_box_rule_keeps_the_budget_in_every_mode_not_only_balanced():
+    # 6 positives (one barely scored: screening must go down to 0.1 to keep its sensitivity) and 6 negatives; each
+    # positive also has 4 faint, separate boxes (0.15) that only screening mode shows, and no NMS or containment removes
+    truth = [[[10, 10, 50, 50]] if i < 6 else [] for i in range(12)]
+    gt = make_gt(truth)
+    faint = [[60, 60, 70, 70], [80, 10, 90, 20], [10, 80, 20, 90], [80, 80, 90, 90]]
+    preds = [pred([[10, 10, 50, 50]] + faint, [0.9 - 0.04 * i if i < 5 else 0.1] + [0.15] * 4) if i < 6
+             else pred([[30, 60, 40, 70]], [0.3]) for i in range(12)]
+    rule, table = choose_box_rule(gt, preds)
+    raw = next(r for r in table if r["rule"] == {"nms_iou": None, "contained": None, "max_boxes": None})
+    chosen = next(r for r in table if r["chosen"])
+    assert raw["p90_by_mode"]["balanced"] == 1 and raw["p90_by_mode"]["screening"] == 5  # fine at balanced only
+    assert raw["worst_mode"] == "screening" and raw["p90"] == 5
+    assert all(v <= BOX_RULE_MAX_P90 for v in chosen["p90_by_mode"].values()) and rule.max_boxes is not None
+
+
 def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
     root, phantoms = tree
     weights = write_oracle(tmp_path / "m", root, phantoms, Contract(), {"backend": "oracle"})
