@@ -781,3 +781,42 @@ def match_detections(reference: list, candidate: list, conf: float, *, iou_min: 
     ok = len(ref) == len(cand) == matched and worst_iou > iou_min and worst_diff < score_tol
     return {"n_reference": len(ref), "n_candidate": len(cand), "matched": matched, "min_iou": round(worst_iou, 5),
             "max_score_diff": round(worst_diff, 6), "max_coord_diff": round(worst_px, 4), "ok": ok}
+
+
+def paired_bootstrap(gt: GroundTruth, preds_a: Sequence[ImagePrediction | None], preds_b: Sequence[ImagePrediction | None],
+                     n_boot: int = 300, seed: int = DEFAULT_SEED) -> dict[str, Any]:
+    """Model B against model A on the same images: mAP@0.5 and image ROC AUC of each, and B − A with a 95% interval
+    from the same group resamples for both (a group is never split; each resample draws groups with replacement).
+
+    `p_not_better` is the share of resamples in which B does not beat A: the question before replacing a model.
+    """
+    groups = gt.groups
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    keys = list(members)
+    labels = gt.labels
+
+    def both(ids: list[int]) -> tuple[float, float, float | None, float | None]:
+        sub = gt.subset(ids)
+        a = [preds_a[i] for i in ids]
+        b = [preds_b[i] for i in ids]
+        return (box_metrics(sub, a)["map50"] or 0.0, box_metrics(sub, b)["map50"] or 0.0,
+                roc_auc(labels[ids], image_scores(a)), roc_auc(labels[ids], image_scores(b)))
+
+    full = both(list(range(len(gt))))
+    rng = np.random.default_rng(seed)
+    diffs: dict[str, list[float]] = {"map50": [], "image_auc": []}
+    for _ in range(n_boot):
+        ids = [i for k in rng.integers(0, len(keys), len(keys)) for i in members[keys[k]]]
+        a_map, b_map, a_auc, b_auc = both(ids)
+        diffs["map50"].append(b_map - a_map)
+        if a_auc is not None and b_auc is not None:
+            diffs["image_auc"].append(b_auc - a_auc)
+    out: dict[str, Any] = {"n_images": len(gt), "n_groups": len(keys), "n_boot": n_boot, "seed": seed}
+    for name, (a, b) in {"map50": full[:2], "image_auc": full[2:]}.items():
+        d = np.array(diffs[name])
+        out[name] = {"a": a, "b": b, "difference": None if a is None or b is None else b - a,
+                     "ci": [float(v) for v in np.percentile(d, [2.5, 97.5])] if len(d) else None,
+                     "p_not_better": float((d <= 0).mean()) if len(d) else None}
+    return out

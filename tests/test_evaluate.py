@@ -850,3 +850,31 @@ def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
     assert report["mean_over_sources"]["sensitivity"] == {"value": pytest.approx(0.75), "n_sources": 2}
     text = format_report(report)
     assert text.index("each radiograph once") < text.index("pooled over every source")
+
+
+def test_paired_bootstrap_says_when_one_model_beats_another_and_when_not():
+    from bone_r.metrics import paired_bootstrap
+
+    truth = [[[10, 10, 50, 50]] if i % 2 == 0 else [] for i in range(20)]
+    gt = make_gt(truth, groups=[f"g{i // 2}" for i in range(20)])  # 10 groups of two images: never split
+    good = [pred([[10, 10, 50, 50]], [0.9]) if i % 2 == 0 else pred([[60, 60, 70, 70]], [0.1]) for i in range(20)]
+    # A finds half of the fractures (the others boxed in the wrong place, scored like the negatives' boxes)
+    weak = [pred([[10, 10, 50, 50]] if i % 4 == 0 else [[60, 60, 90, 90]], [0.9 if i % 4 == 0 else 0.5])
+            if i % 2 == 0 else pred([[60, 60, 70, 70]], [0.5]) for i in range(20)]
+    better = paired_bootstrap(gt, weak, good, n_boot=200, seed=1)
+    assert better["n_groups"] == 10 and better["map50"]["b"] == pytest.approx(1.0)
+    assert better["map50"]["difference"] > 0.3 and better["map50"]["ci"][0] > 0 and better["map50"]["p_not_better"] == 0
+    assert better["image_auc"]["difference"] > 0
+    same = paired_bootstrap(gt, good, good, n_boot=50)
+    assert same["map50"]["difference"] == 0 and same["map50"]["ci"] == [0, 0] and same["map50"]["p_not_better"] == 1
+
+
+def test_paired_compare_refuses_predictions_that_miss_images(tmp_path, capsys):
+    from scripts import paired_compare
+
+    root = tmp_path / "tree"
+    write_tree(root)
+    records = tmp_path / "a.json"
+    records.write_text("[]")
+    assert paired_compare.main(["--data", str(root / "dataset.yaml"), str(records), str(records)]) == 2
+    assert "without a prediction" in capsys.readouterr().err
