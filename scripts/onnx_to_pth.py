@@ -33,10 +33,12 @@ class RecoverError(Exception):
 
 def initializers(graph) -> dict[str, np.ndarray]:
     """The graph's constant tensors by the name its nodes use: a weight stored as float16 (`export_onnx.py
-    --store-fp16`: ``<name>_fp16`` cast back to ``<name>`` at the top of the graph) under ``<name>``, as float32."""
-    from onnx import numpy_helper
+    --store-fp16`: a float16 initializer cast back to float32 at the top of the graph) under the cast's output name,
+    as float32. Found by the graph's structure, not by the stored name (`store_weights_fp16` may lengthen it)."""
+    from onnx import TensorProto, numpy_helper
 
-    cast_back = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0].endswith("_fp16")}
+    half = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT16}
+    cast_back = {n.input[0]: n.output[0] for n in graph.node if n.op_type == "Cast" and n.input[0] in half}
     out = {}
     for init in graph.initializer:
         value = numpy_helper.to_array(init)
