@@ -15,7 +15,7 @@ OUT   ?= data/merged
 EPOCHS ?= 8
 RUN    ?= finetune
 
-.PHONY: setup test test-fast serve predict dataset finetune lint clean help
+.PHONY: setup test test-fast serve predict dataset finetune candidate compare lint clean help
 
 help:
 	@echo "make test      set up .venv and run the test suite"
@@ -23,6 +23,8 @@ help:
 	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
 	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
 	@echo "make finetune [EPOCHS=8] [RUN=name]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
+	@echo "make candidate RUN=name [CAND=dir]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
+	@echo "make compare [CAND=dir]   candidate vs bundle on val and test (paired group bootstrap): replace when val excludes 0"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,6 +63,28 @@ dataset: setup
 finetune: setup
 	$(BIN)/python train_torchvision.py --data $(OUT)/dataset.yaml --arch fasterrcnn --backbone effnet_lite0_fpn --imgsz 512 \
 	  --epochs $(EPOCHS) --batch 4 --seed 0 --init weights/bone-r-default.pth --name $(RUN) --evaluate
+
+# A finished run as a bundle candidate in the bundle's layout (CAND/bone-r-default.{pth,onnx,json}): float16 .pth,
+# float16-stored ONNX checked against it, box rule and thresholds chosen on val, test metrics in the card, and its
+# predictions (records.json) for `make compare`. Then `make compare`: the replacement rule (JOURNAL 2026-11-29).
+CAND ?= runs/$(RUN)-candidate
+BUNDLE_RECORDS := runs/bundle-eval/records.json
+
+candidate: setup
+	$(BIN)/python scripts/export_onnx.py --weights runs/$(RUN)/weights/best.pth --fp16-checkpoint $(CAND)/bone-r-default.pth \
+	  --out $(CAND)/bone-r-default.onnx --store-fp16 --conf 0.001 --check $$(ls $(OUT)/images/test/* | awk 'NR%40==1')
+	$(BIN)/python evaluate.py --weights $(CAND)/bone-r-default.onnx --data $(OUT)/dataset.yaml --box-rule choose --write-card \
+	  --out $(CAND)/report.json --save-predictions $(CAND)/records.json --no-plots --quiet
+
+$(BUNDLE_RECORDS): weights/bone-r-default.onnx weights/bone-r-default.json
+	$(BIN)/python evaluate.py --weights weights/bone-r-default.onnx --data $(OUT)/dataset.yaml \
+	  --out $(@D)/report.json --save-predictions $@ --no-plots --quiet
+
+compare: setup $(BUNDLE_RECORDS)
+	$(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split val $(BUNDLE_RECORDS) $(CAND)/records.json \
+	  --json $(CAND)/compare-val.json
+	$(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split test $(BUNDLE_RECORDS) $(CAND)/records.json \
+	  --json $(CAND)/compare-test.json
 
 lint: setup
 	$(BIN)/ruff check .

@@ -40,10 +40,12 @@ def default_out(weights: Path) -> Path:
 
 def export_onnx(weights: str | Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
                 dynamic: bool = True, simplify: bool = True, contract: Contract | None = None,
-                store_fp16: bool = False) -> Path:
+                store_fp16: bool = False, shared_card: bool = False) -> Path:
     """Export `weights` (YOLO .pt or torchvision .pth) to ONNX at `out` and write its card; returns the ONNX path.
 
     `store_fp16`: large weights stored as float16 and cast back to float32 in the graph (see `store_weights_fp16`).
+    `shared_card`: `out` may sit beside `weights` with the same stem, as in a bundle (`weights/bone-r-default.{onnx,pth}`):
+    the export's card then replaces the weights' card and serves both files.
     """
     weights = Path(weights)
     if not weights.is_file():
@@ -52,14 +54,16 @@ def export_onnx(weights: str | Path, out: str | Path | None = None, *, imgsz: in
         if not dynamic:
             raise ExportError("torchvision exports take any height and width (a fixed size would only add padding); "
                               "drop --static")
-        return export_torchvision(weights, out, imgsz=imgsz, opset=opset, contract=contract, store_fp16=store_fp16)
+        return export_torchvision(weights, out, imgsz=imgsz, opset=opset, contract=contract, store_fp16=store_fp16,
+                                  shared_card=shared_card)
     if weights.suffix != ".pt":
         raise ExportError(f"expected an Ultralytics .pt or a train_torchvision.py .pth checkpoint, got {weights.name}")
     return _export_yolo(weights, out, imgsz=imgsz, opset=opset, dynamic=dynamic, simplify=simplify, contract=contract,
-                        store_fp16=store_fp16)
+                        store_fp16=store_fp16, shared_card=shared_card)
 
 
-def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | None) -> tuple[ModelCard, Path]:
+def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | None,
+                  shared_card: bool = False) -> tuple[ModelCard, Path]:
     """The weights' card (a copy, with `contract` if given) and the checked output path."""
     card = load_model_card(weights)
     if card is None and contract is None:
@@ -71,7 +75,7 @@ def _card_and_out(weights: Path, out: str | Path | None, contract: Contract | No
     out = Path(out) if out else default_out(weights)
     if out.suffix != ".onnx":
         raise ExportError(f"--out must end in .onnx, got {out}")
-    if out.resolve() == weights.resolve().with_suffix(".onnx"):
+    if out.resolve() == weights.resolve().with_suffix(".onnx") and not shared_card:
         raise ExportError(f"{out} would share its model card {card_path_for(out).name} with {weights.name}; choose another --out")
     return card, out
 
@@ -129,7 +133,7 @@ def _set_metadata(proto, key: str, value: str) -> None:
 
 
 def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
-                       contract: Contract | None = None, store_fp16: bool = False) -> Path:
+                       contract: Contract | None = None, store_fp16: bool = False, shared_card: bool = False) -> Path:
     """Export a train_torchvision.py checkpoint: the detector after the resize, dynamic height and width.
 
     The graph is checked against PyTorch on the trace input before the card is written (`store_fp16`: after the
@@ -156,7 +160,7 @@ def export_torchvision(weights: Path, out: str | Path | None = None, *, imgsz: i
     trained = int(config["imgsz"])
     if imgsz and int(imgsz) != trained:
         raise ExportError(f"{weights.name} was trained at imgsz {trained}; a torchvision export keeps it (got --imgsz {imgsz})")
-    card, out = _card_and_out(weights, out, contract)
+    card, out = _card_and_out(weights, out, contract, shared_card)
     opset = int(opset or TORCHVISION_OPSET)
     if opset < 16:
         raise ExportError(f"torchvision exports need opset >= 16 (RoiAlign's half-pixel modes), got {opset}")
@@ -264,10 +268,10 @@ def _same_boxes(reference: list, got: list, size: int) -> bool:
 
 def _export_yolo(weights: Path, out: str | Path | None = None, *, imgsz: int | None = None, opset: int | None = None,
                  dynamic: bool = True, simplify: bool = True, contract: Contract | None = None,
-                 store_fp16: bool = False) -> Path:
+                 store_fp16: bool = False, shared_card: bool = False) -> Path:
     """Export an Ultralytics .pt. The export runs on a copy in a temporary folder, so nothing is written beside the input."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
-    card, out = _card_and_out(weights, out, contract)
+    card, out = _card_and_out(weights, out, contract, shared_card)
     imgsz = int(imgsz or card.imgsz or DEFAULT_IMGSZ)
     if imgsz % 32:
         raise ExportError(f"imgsz must be a multiple of 32, got {imgsz}")

@@ -139,6 +139,30 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu") -> dict[str, An
     return ckpt
 
 
+def half_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating-point tensors as float16 (half the bytes; `model_from_checkpoint` loads them back as float32)."""
+    return {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def save_half_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
+    """Write `src`'s weights rounded to float16 storage at `dst` (what the bundled .pth stores), with a copy of
+    its model card; the optimizer state is left out (a start for fine-tuning, not a resume point). Returns it."""
+    from bone_r.card import card_path_for
+    from bone_r.runs import save_checkpoint
+
+    ckpt = load_checkpoint(src)
+    half = {k: v for k, v in ckpt.items() if k != "optimizer"}
+    half["model"] = half_state(ckpt["model"])
+    half["stored_dtype"] = "float16"
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(dst, half)
+    card = card_path_for(src)
+    if card.is_file():
+        card_path_for(dst).write_text(card.read_text())
+    return half
+
+
 def checkpoint_arch(path: str | Path) -> str:
     """The backend name ('fasterrcnn', 'retinanet' or 'fcos') a checkpoint was trained as."""
     arch = load_checkpoint(path)["config"].get("arch")

@@ -4,6 +4,8 @@
     python scripts/export_onnx.py --weights best.pt --out weights/bone-r-default.onnx --imgsz 640 --static
     python scripts/export_onnx.py --weights runs/frcnn/weights/best.pth --out weights/frcnn.onnx \
         --check img1.png img2.png --bench 20 --threads 2
+    python scripts/export_onnx.py --weights runs/ft3/weights/best.pth --fp16-checkpoint runs/cand/bone-r-default.pth \
+        --out runs/cand/bone-r-default.onnx --store-fp16 --check img1.png    # a bundle candidate: float16 .pth + .onnx
 
 The ONNX file goes to ``--out`` (default ``<weights folder>/onnx/<stem>.onnx``: not
 beside the weights, whose card ``<stem>.json`` names the PyTorch backend). Its card is
@@ -44,6 +46,7 @@ from bone_r.contract import Contract
 from bone_r.runs import set_threads
 from inference import check_against_pytorch
 from models.export import FP16_MIN_ELEMENTS, TORCHVISION_OPSET, ExportError, export_onnx
+from models.torchvision_det import save_half_checkpoint
 
 
 def _bench_worker(conn, kind: str, weights: str, threads: int, conf: float) -> None:
@@ -162,6 +165,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--store-fp16", action="store_true",
                    help=f"store weight tensors of >= {FP16_MIN_ELEMENTS} values as float16 (half the file), cast back to "
                         "float32 in the graph: computes in float32, as fast (ONNX Runtime folds the casts at load)")
+    p.add_argument("--fp16-checkpoint", type=Path, default=None, metavar="PTH",
+                   help="torchvision: first write the .pth with its weights rounded to float16 storage (what the bundle "
+                        "stores; loaded as float32) to PTH and export that: the .onnx and the .pth then hold the same "
+                        "weights, and with the same stem (a bundle) one card serves both")
     p.add_argument("--contract", type=Path, default=None, help="contract JSON, when the weights have no model card")
     p.add_argument("--check", type=Path, nargs="*", default=[], metavar="IMAGE",
                    help="compare ONNX and PyTorch boxes on these images (exit 1 on a mismatch)")
@@ -189,10 +196,25 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: --check image(s) not found: {', '.join(missing)}", file=sys.stderr)
         return 2
+    if args.fp16_checkpoint is not None:
+        if args.weights.suffix != ".pth" or args.fp16_checkpoint.suffix != ".pth":
+            print("error: --fp16-checkpoint takes a torchvision .pth and writes a .pth", file=sys.stderr)
+            return 2
+        if args.fp16_checkpoint.resolve() == args.weights.resolve():
+            print("error: --fp16-checkpoint must not overwrite --weights", file=sys.stderr)
+            return 2
+        try:
+            save_half_checkpoint(args.weights, args.fp16_checkpoint)
+        except (ValueError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"wrote {args.fp16_checkpoint} (float16 storage) and its card")
+        args.weights = args.fp16_checkpoint
     try:
         contract = Contract.load(args.contract) if args.contract else None
         out = export_onnx(args.weights, args.out, imgsz=args.imgsz, opset=args.opset, dynamic=not args.static,
-                          simplify=not args.no_simplify, contract=contract, store_fp16=args.store_fp16)
+                          simplify=not args.no_simplify, contract=contract, store_fp16=args.store_fp16,
+                          shared_card=args.fp16_checkpoint is not None)
     except (ExportError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

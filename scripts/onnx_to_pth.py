@@ -131,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from bone_r.card import ModelCard
     from bone_r.runs import save_checkpoint
+    from models.torchvision_det import half_state
 
     card_path = args.card or args.onnx.with_suffix(".json")
     try:
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"onnx_to_pth: error: {err}", file=sys.stderr)
         return 2
     if args.fp16:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+        state = half_state(state)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, {"format": "bone-r-torchvision-1", "model": state, "config": config,
                                "epoch": int(card.extra.get("training", {}).get("epochs", 0)),

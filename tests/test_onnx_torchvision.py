@@ -304,6 +304,36 @@ def test_store_fp16_halves_the_file_and_keeps_the_boxes(tv_models):
             assert partners, (path.name, i, det.score)
 
 
+def test_fp16_checkpoint_is_what_the_onnx_holds(tv_models, capsys):
+    """--fp16-checkpoint: the bundle candidate's .pth (float16 storage, no optimizer, its card) is written first and
+    exported, so the .pth and the float16-stored .onnx hold the same weights and give the same boxes."""
+    from models.torchvision_det import load_checkpoint
+    from scripts.export_onnx import main as export_main
+
+    src, _ = tv_models["fasterrcnn"]
+    ckpt = torch.load(src, weights_only=True)
+    ckpt["optimizer"] = {"state": {}, "param_groups": []}  # as in a last.pth
+    full = tv_models["folder"] / "with_opt" / "last.pth"
+    full.parent.mkdir()
+    torch.save(ckpt, full)
+    full.with_suffix(".json").write_text(src.with_suffix(".json").read_text())
+    cand = tv_models["folder"] / "cand"
+    images = [str(p) for p in tv_models["images"][:2]]
+    rc = export_main(["--weights", str(full), "--fp16-checkpoint", str(cand / "m.pth"), "--out", str(cand / "m.onnx"),
+                      "--store-fp16", "--check", *images, "--conf", "0.001", "--threads", "1"])
+    assert rc == 0, capsys.readouterr()
+    half = load_checkpoint(cand / "m.pth")
+    assert half["stored_dtype"] == "float16" and "optimizer" not in half
+    floats = [k for k, v in ckpt["model"].items() if v.is_floating_point()]
+    assert floats and all(half["model"][k].dtype == torch.float16 for k in floats)
+    assert all(torch.equal(half["model"][k], ckpt["model"][k].half()) for k in floats)
+    card = json.loads((cand / "m.json").read_text())  # one card for both, as in weights/: the export's
+    assert card["model_config"] == ckpt["config"] and card["backend"] == "onnx"
+    assert card["export"]["weights_storage"] == "float16"
+    assert export_main(["--weights", str(full), "--fp16-checkpoint", str(full), "--out", str(cand / "x.onnx")]) == 2
+    assert "must not overwrite" in capsys.readouterr().err
+
+
 def test_store_weights_fp16_leaves_small_out_of_range_and_input_tensors(tmp_path):
     """Only float32 initializers that are big, finite, within float16's range and not graph inputs are rewritten."""
     import onnx
