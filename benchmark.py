@@ -42,7 +42,7 @@ from typing import Any
 
 from bone_r import site
 from bone_r.card import DEFAULT_IMGSZ, ModelCard, load_model_card
-from bone_r.dataset import EvaluationError, load_ground_truth
+from bone_r.dataset import DataError, load_ground_truth
 from bone_r.image import list_images, load_image
 from bone_r.metrics import jsonable, run_evaluation
 from bone_r.modes import resolve_threshold
@@ -122,7 +122,7 @@ def benchmark_model(spec: ModelSpec, data: str | Path, split: str = "test", val_
     try:
         report = run_evaluation(predictor, data, split, val_split, thresholds=card_thresholds or None,
                                          threshold_source="model_card", n_boot=n_boot, seed=seed, progress=progress, keep_records=True)
-    except EvaluationError as err:
+    except DataError as err:
         raise BenchmarkError(f"model {spec.name}: {err}") from None
     records = report.pop("_records")
     ms = [v for v in map(_e2e_ms, records) if v is not None]
@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     except BenchmarkError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except ValueError as err:  # EvaluationError and friends
+    except ValueError as err:  # DataError and friends
         print(f"error: {err}", file=sys.stderr)
         return 2
     out = args.out or DEFAULT_OUT

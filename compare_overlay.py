@@ -33,7 +33,7 @@ from typing import Any
 import inference
 from bone_r import DISCLAIMER, site
 from bone_r.contract import fit_long_side, to_uint8
-from bone_r.dataset import EvaluationError, truth_for
+from bone_r.dataset import DataError, truth_for
 from bone_r.detection import Detection, RecordError, detections_from_record, find_record, load_records
 from bone_r.draw import encode_png, render
 from bone_r.image import DEFAULT_MAX_PIXELS, ImageDecodeError, LoadedImage, load_image
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return _run(args)
-    except (CompareError, RecordError, EvaluationError) as err:
+    except (CompareError, RecordError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -46,7 +46,7 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.card import load_model_card
-from bone_r.dataset import EvaluationError, load_ground_truth
+from bone_r.dataset import DataError, load_ground_truth
 from bone_r.detection import load_records
 from bone_r.fusion import (
     DEFAULT_ALPHAS,
@@ -102,7 +102,7 @@ def _predict_records(spec: str, data: Path | None, split: str, val_split: str, d
         records = []
         for s in (val_split, split):
             records += predict_split(predictor, load_ground_truth(data, s))
-    except (ModelSpecError, EvaluationError) as err:
+    except (ModelSpecError, DataError) as err:
         raise EnsembleError(str(err)) from None
     return ms.name, records
 
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return _run(args)
-    except (EnsembleError, EvaluationError) as err:
+    except (EnsembleError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -121,7 +121,7 @@ from typing import Any
 import inference
 from bone_r import DISCLAIMER
 from bone_r.card import card_path_for, update_model_card
-from bone_r.dataset import EvaluationError, _abspath
+from bone_r.dataset import DataError, _abspath
 from bone_r.detection import load_records
 from bone_r.metrics import DEFAULT_LOC_IOU, DEFAULT_N_BOOT, DEFAULT_SEED, run_evaluation, ultralytics_crosscheck
 from bone_r.modes import DEFAULT_TARGET_SENSITIVITY, DEFAULT_TARGET_SPECIFICITY
@@ -233,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 predictor = inference.Predictor(args.weights, args.backend, args.device)
             except (FileNotFoundError, ValueError) as err:
-                raise EvaluationError(str(err)) from None
+                raise DataError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
-                raise EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
+                raise DataError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
             card_thresholds = predictor.card.thresholds if predictor.card else None
             if thresholds is None and card_thresholds and not (args.write_card or args.choose_on_val or args.box_rule == "choose"):
                 thresholds, source = card_thresholds, "model_card"
@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
             imgsz = getattr(predictor.detector, "imgsz", None)  # the size our predictions were made at
             report["ultralytics_crosscheck"] = ultralytics_crosscheck(args.weights, args.data, args.split, imgsz=imgsz, ours=report,
                                                                       device=args.device)
-    except EvaluationError as err:
+    except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.save_predictions:

@@ -166,11 +166,11 @@ def collate(batch):
 
 def load_split(data: Path, split: str, fraction: float, max_images: int | None, seed: int) -> tuple[Any, list[str]]:
     """evaluate.py's ground truth for a split (boxes in tree pixels), subset as asked."""
-    from bone_r.dataset import EvaluationError, load_ground_truth
+    from bone_r.dataset import DataError, load_ground_truth
 
     try:
         gt = load_ground_truth(data, split)
-    except EvaluationError as err:
+    except DataError as err:
         raise TrainError(str(err).splitlines()[0]) from None
     notes = list(gt.notes)
     weak = [i for i, im in enumerate(gt.images) if not im.boxes_known]

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import inference
 from bone_r import DISCLAIMER
-from bone_r.dataset import EvaluationError, truth_for
+from bone_r.dataset import DataError, truth_for
 from bone_r.detection import (
     RecordError,
     detections_from_record,
@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
             raise VisualizeError("--out would overwrite the input image")
     try:
         records = load_records(args.predictions) if args.predictions else None
-    except EvaluationError as err:
+    except DataError as err:
         raise VisualizeError(str(err)) from None
     predictor = None
     if records is None:
@@ -154,7 +154,7 @@ def _run(args: argparse.Namespace) -> int:
             else:
                 detections = detections_from_record(find_record(records, path), loaded.meta.size, args.conf)
             truth = truth_for(path, args.truth, loaded.meta.size)
-        except (ImageDecodeError, VisualizeError, RecordError, EvaluationError) as err:
+        except (ImageDecodeError, VisualizeError, RecordError, DataError) as err:
             failed += 1
             _error(f"error: {path}: {err}", folder)
             continue

@@ -11,7 +11,7 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.contract import Contract
-from bone_r.dataset import EvaluationError
+from bone_r.dataset import DataError
 from bone_r.detection import BoxRule
 from bone_r.metrics import jsonable
 from bone_r.modes import normalize_operating_points
@@ -180,7 +180,7 @@ def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_re
     try:
         card = ModelCard.load(card_path) if card_path.is_file() else ModelCard()
     except ValueError as err:
-        raise EvaluationError(str(err)) from None
+        raise DataError(str(err)) from None
     ops = val_report.get("operating_points", val_report)
     thresholds = {}
     for mode, op in normalize_operating_points(ops, "val").items():

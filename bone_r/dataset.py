@@ -24,8 +24,9 @@ from bone_r.runs import ROOT, TrainError, sha256_file
 TRUTHY = {"1", "true", "yes", "y", "t"}
 
 
-class EvaluationError(ValueError):
-    """Bad input for an evaluation; `errors` lists every problem found (first line is the summary)."""
+class DataError(ValueError):
+    """Bad input data the user can fix (a dataset yaml, its labels or splits, saved predictions, a thresholds file):
+    the message says what is wrong; `errors` lists every problem found (first line is the summary)."""
 
     def __init__(self, message: str, errors: Sequence[str] = ()):
         super().__init__(message)
@@ -91,13 +92,13 @@ def load_dataset_yaml(data_yaml: str | Path) -> tuple[Path, dict[str, Any]]:
 
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
-        raise EvaluationError(f"dataset yaml not found: {data_yaml}")
+        raise DataError(f"dataset yaml not found: {data_yaml}")
     try:
         cfg = yaml.safe_load(data_yaml.read_text())
     except yaml.YAMLError as err:
-        raise EvaluationError(f"{data_yaml} is not valid YAML: {err}") from None
+        raise DataError(f"{data_yaml} is not valid YAML: {err}") from None
     if not isinstance(cfg, dict):
-        raise EvaluationError(f"{data_yaml} does not hold a mapping")
+        raise DataError(f"{data_yaml} does not hold a mapping")
     base = _abspath(data_yaml).parent
     root = Path(cfg["path"]) if cfg.get("path") else base
     if not root.is_absolute():
@@ -117,14 +118,14 @@ def tree_contract(data_yaml: str | Path) -> tuple[Path | None, Contract | None]:
             try:
                 return path, Contract.load(path)
             except (ValueError, TypeError, json.JSONDecodeError) as err:
-                raise EvaluationError(f"cannot read the tree's contract {path}: {err}") from None
+                raise DataError(f"cannot read the tree's contract {path}: {err}") from None
     return None, None
 
 
 def _split_images(root: Path, cfg: dict[str, Any], split: str) -> list[Path]:
     entry = cfg.get(split, f"images/{split}")
     if entry is None:
-        raise EvaluationError(f"the dataset yaml has no '{split}' split")
+        raise DataError(f"the dataset yaml has no '{split}' split")
     entries = entry if isinstance(entry, list) else [entry]
     images: list[Path] = []
     for item in entries:
@@ -138,9 +139,9 @@ def _split_images(root: Path, cfg: dict[str, Any], split: str) -> list[Path]:
                     q = Path(line.strip())
                     images.append(_abspath(q if q.is_absolute() else root / q))
         else:
-            raise EvaluationError(f"split '{split}': {p} is neither a folder nor a .txt list of images")
+            raise DataError(f"split '{split}': {p} is neither a folder nor a .txt list of images")
     if not images:
-        raise EvaluationError(f"split '{split}' holds no images ({', '.join(map(str, entries))} under {root})")
+        raise DataError(f"split '{split}' holds no images ({', '.join(map(str, entries))} under {root})")
     return sorted(dict.fromkeys(images))
 
 
@@ -165,10 +166,10 @@ def image_size(path: Path) -> tuple[int, int]:
         try:
             return load_image(path).meta.size
         except ImageDecodeError as err:
-            raise EvaluationError(f"{path}: {err}") from None
+            raise DataError(f"{path}: {err}") from None
 
 
-class LabelError(EvaluationError):
+class LabelError(DataError):
     """A malformed YOLO label file: the message names the file and the line."""
 
 
@@ -262,7 +263,7 @@ def _read_splits_csv(csv_path: Path) -> list[dict[str, str]]:
     with open(csv_path, newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or "path" not in reader.fieldnames:
-            raise EvaluationError(f"{csv_path} has no 'path' column (columns: {reader.fieldnames})")
+            raise DataError(f"{csv_path} has no 'path' column (columns: {reader.fieldnames})")
         return [{k: (v or "").strip() for k, v in row.items() if k} for row in reader]
 
 
@@ -319,7 +320,7 @@ def load_ground_truth(data_yaml: str | Path, split: str = "test") -> GroundTruth
             notes.append(f"{missing} image(s) of split '{split}' are not in splits.csv: source/region 'unknown', own group")
         wrong = sum(1 for r in rows if r is not None and r.get("split") and r["split"] != split)
         if wrong:
-            raise EvaluationError(f"{wrong} image(s) under split '{split}' are listed in splits.csv under another split")
+            raise DataError(f"{wrong} image(s) under split '{split}' are listed in splits.csv under another split")
     images: list[GTImage] = []
     n_missing_labels = n_weak = n_conflict = 0
     other_classes: set[int] = set()
@@ -371,12 +372,12 @@ def ground_truth_from_folder(images_dir: str | Path, labels_dir: str | Path | No
     """
     images_dir = _abspath(images_dir)
     if not images_dir.is_dir():
-        raise EvaluationError(f"not a folder: {images_dir}")
+        raise DataError(f"not a folder: {images_dir}")
     if all_positive and all_negative:
-        raise EvaluationError("choose at most one of all-positive and all-negative")
+        raise DataError("choose at most one of all-positive and all-negative")
     paths = [_abspath(p) for p in list_images(images_dir)]
     if not paths:
-        raise EvaluationError(f"no images found in {images_dir}")
+        raise DataError(f"no images found in {images_dir}")
     notes = [f"external folder {images_dir}: each image is its own group"]
     images = []
     missing = 0
@@ -405,7 +406,7 @@ def ground_truth_from_folder(images_dir: str | Path, labels_dir: str | Path | No
         notes.append("--all-negative: every image is a negative")
     if missing:
         if missing == len(paths):
-            raise EvaluationError(f"no label files found for the images in {images_dir}; pass --labels, --all-positive or --all-negative")
+            raise DataError(f"no label files found for the images in {images_dir}; pass --labels, --all-positive or --all-negative")
         notes.append(f"{missing} image(s) have no label file and count as negatives")
     return GroundTruth(images, "external", os.fspath(images_dir), images_dir, notes, None)
 
@@ -423,7 +424,7 @@ def truth_for(image: Path, truth: Path | None, size: tuple[int, int]) -> list[tu
     if not label.is_file():
         if truth.is_dir():
             return []
-        raise EvaluationError(f"--truth {truth} is neither a label file nor a folder")
+        raise DataError(f"--truth {truth} is neither a label file nor a folder")
     boxes, _ = read_yolo_boxes(label, *size)
     return [tuple(b) for b in boxes.tolist()]
 
@@ -458,12 +459,10 @@ def load_dataset(yaml_path: str | Path, contract_path: str | Path | None = None)
     would resolve it against its own datasets folder). ``contract.json`` is looked for in the
     yaml's folder, then in the dataset root; ``contract_path`` overrides both.
     """
-    from bone_r.dataset import EvaluationError
-
     yaml_path = Path(yaml_path)
     try:
         root, data = load_dataset_yaml(yaml_path)
-    except EvaluationError as err:
+    except DataError as err:
         raise TrainError(str(err).splitlines()[0]) from None
     if not root.is_dir():
         raise TrainError(f"the dataset root {root} (from {yaml_path}) is not a folder")

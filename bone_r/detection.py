@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bone_r.dataset import EvaluationError, GroundTruth, _abspath
+from bone_r.dataset import DataError, GroundTruth, _abspath
 from bone_r.image import ImageMeta
 from bone_r.runs import read_json
 
@@ -272,13 +272,13 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
                 try:
                     data.append(json.loads(line))
                 except ValueError:
-                    raise EvaluationError(f"{path}: line {number} is not a JSON record") from None
+                    raise DataError(f"{path}: line {number} is not a JSON record") from None
     else:
-        data = read_json(path, "predictions file", EvaluationError)
+        data = read_json(path, "predictions file", DataError)
     if isinstance(data, dict):
         data = data.get("predictions", [data]) if "image" not in data else [data]
     if not isinstance(data, list) or not all(isinstance(r, dict) and "image" in r for r in data):
-        raise EvaluationError(f"{path}: expected a list of prediction records with an 'image' key each")
+        raise DataError(f"{path}: expected a list of prediction records with an 'image' key each")
     return data
 
 

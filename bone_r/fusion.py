@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from bone_r.contract import Contract, harmonize
-from bone_r.dataset import EvaluationError, load_ground_truth
+from bone_r.dataset import DataError, load_ground_truth
 from bone_r.detection import Detection, ImagePrediction, RecordIndex, match_predictions
 from bone_r.image import ImageDecodeError, load_image
 from bone_r.metrics import box_metrics, evaluate_predictions, image_scores, roc_auc, run_evaluation
@@ -242,7 +242,7 @@ def score_records(records: Sequence[dict[str, Any]], data: str | Path, split: st
     try:
         return run_evaluation(list(records), data, split, val_split, n_boot=n_boot, seed=seed, allow_missing=allow_missing,
                                        progress=False, record_bases=bases)
-    except EvaluationError as err:
+    except DataError as err:
         raise EnsembleError(str(err)) from None
 
 
@@ -251,7 +251,7 @@ def val_map50(records: Sequence[dict[str, Any]], data: str | Path, val_split: st
 
     try:
         gt = load_ground_truth(data, val_split)
-    except EvaluationError as err:
+    except DataError as err:
         raise EnsembleError(str(err)) from None
     preds, _, _ = match_predictions(list(records), gt, bases)
     return box_metrics(gt, preds)["map50"]

@@ -20,7 +20,7 @@ import numpy as np
 from bone_r.contract import Contract
 from bone_r.dataset import (
     IDENTITY_CONTRACT,
-    EvaluationError,
+    DataError,
     GroundTruth,
     _abspath,
     label_path_for,
@@ -595,7 +595,7 @@ def evaluate_records(records: Sequence[dict[str, Any]], gt: GroundTruth, operati
     """Match records (results.json) to `gt` and score them at fixed operating points.
 
     Every image without a prediction, failed/duplicate/mis-sized prediction and prediction
-    that matches no image is an error: EvaluationError (with `.errors`) unless
+    that matches no image is an error: DataError (with `.errors`) unless
     `allow_missing`, which scores missing images as "no detection" and keeps the list in
     report["errors"]. Predictions on images of other splits of the same tree are counted in
     a note, not used.
@@ -606,7 +606,7 @@ def evaluate_records(records: Sequence[dict[str, Any]], gt: GroundTruth, operati
     errors += outside
     if errors and not allow_missing:
         shown = "; ".join(errors[:3]) + (f"; ... ({len(errors) - 3} more)" if len(errors) > 3 else "")
-        raise EvaluationError(f"{len(errors)} prediction problem(s): {shown}", errors)
+        raise DataError(f"{len(errors)} prediction problem(s): {shown}", errors)
     report = evaluate_predictions(gt, preds, operating_points, n_boot=n_boot, seed=seed, iou=iou)
     report["errors"] = errors
     if errors:
@@ -632,7 +632,7 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
     `harmonize` (Predictor only): "auto" feeds the images as they are when the tree has a
     `contract.json` (scripts/preprocess.py already harmonized it, as the model saw in
     training) and harmonizes them otherwise; "yes" / "no" force it.
-    Raises EvaluationError (with `.errors`) on unmatched images/predictions unless
+    Raises DataError (with `.errors`) on unmatched images/predictions unless
     `allow_missing` (see `evaluate_records`). With `keep_records` the report carries the
     records under "_records" (the CLI saves them with --save-predictions).
     """
@@ -641,15 +641,15 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
     if val_gt is not None and val_split != split:
         shared = {im.path.resolve() for im in gt.images} & {im.path.resolve() for im in val_gt.images}
         if shared:
-            raise EvaluationError(f"the '{val_split}' and '{split}' splits of {display_path(data_yaml)} share "
+            raise DataError(f"the '{val_split}' and '{split}' splits of {display_path(data_yaml)} share "
                                   f"{len(shared)} of {len(gt)} image(s) (e.g. {display_path(min(shared))}): thresholds "
                                   f"chosen on the scored images would be optimistic; point '{val_split}' at other images, or "
                                   f"pass --val-split {split} to choose on the scored split knowingly")
     notes: list[str] = []
     if box_rule not in ("card", "none", "choose"):
-        raise EvaluationError(f"box_rule must be card, none or choose, got {box_rule!r}")
+        raise DataError(f"box_rule must be card, none or choose, got {box_rule!r}")
     if box_rule == "choose" and (not _is_predictor(predictions) or val_gt is None or val_split == split):
-        raise EvaluationError("choosing a box rule needs a model (--weights) and a val split other than the scored one, "
+        raise DataError("choosing a box rule needs a model (--weights) and a val split other than the scored one, "
                               "without fixed --thresholds")
     rule_report: dict[str, Any] | None = None
     if _is_predictor(predictions):
@@ -671,7 +671,7 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
         else:
             test_records = rest
         if not any(p is not None for p in val_preds):
-            raise EvaluationError(f"no predictions for the '{val_split}' split, so no thresholds can be chosen: "
+            raise DataError(f"no predictions for the '{val_split}' split, so no thresholds can be chosen: "
                                   "predict the val images too (--val-predictions), or pass --thresholds CARD.json")
         val_errors = [f"{val_split}: {e}" for e in errs + (_missing(val_gt, val_preds, errs) if val_split != split else [])]
         if box_rule == "choose":
@@ -683,7 +683,7 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
         try:
             ops = choose_operating_points(val_gt.labels, image_scores(val_preds), target_sensitivity, target_specificity)
         except ValueError as err:
-            raise EvaluationError(str(err)) from None
+            raise DataError(str(err)) from None
     else:
         ops = normalize_operating_points(thresholds, threshold_source)
     report = evaluate_records(test_records, gt, ops, allow_missing=allow_missing, record_bases=record_bases,

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from bone_r.dataset import EvaluationError
+from bone_r.dataset import DataError
 
 
 @dataclass(frozen=True)
@@ -117,17 +117,17 @@ def normalize_operating_points(thresholds: dict[str, Any], source: str = "given"
     out = {}
     for mode, value in thresholds.items():
         if mode not in MODES:
-            raise EvaluationError(f"unknown mode {mode!r} in thresholds; modes: {', '.join(MODES)}")
+            raise DataError(f"unknown mode {mode!r} in thresholds; modes: {', '.join(MODES)}")
         entry = dict(value) if isinstance(value, dict) else {"threshold": value}
         try:
             tau = float(entry["threshold"])
         except (KeyError, TypeError, ValueError):
-            raise EvaluationError(f"thresholds[{mode!r}] has no numeric 'threshold'") from None
+            raise DataError(f"thresholds[{mode!r}] has no numeric 'threshold'") from None
         if not 0.0 <= tau <= 1.0:
-            raise EvaluationError(f"thresholds[{mode!r}] = {tau} is outside [0, 1]")
+            raise DataError(f"thresholds[{mode!r}] = {tau} is outside [0, 1]")
         entry["threshold"] = tau
         entry.setdefault("source", source)
         out[mode] = entry
     if not out:
-        raise EvaluationError("no operating thresholds given")
+        raise DataError("no operating thresholds given")
     return out

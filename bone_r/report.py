@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from bone_r import site
-from bone_r.dataset import EvaluationError
+from bone_r.dataset import DataError
 from bone_r.detection import BoxRule
 from bone_r.metrics import jsonable
 from bone_r.modes import normalize_operating_points
@@ -145,9 +145,9 @@ def write_report(report: dict[str, Any], out: str | Path) -> Path:
 def load_thresholds_file(path: str | Path) -> dict[str, Any]:
     """Thresholds from a model card (its `thresholds`) or a JSON {mode: threshold | {threshold: ...}}."""
     path = Path(path)
-    data = read_json(path, "thresholds file", EvaluationError)
+    data = read_json(path, "thresholds file", DataError)
     if isinstance(data, dict) and isinstance(data.get("thresholds"), dict):
         data = data["thresholds"]
     if not isinstance(data, dict):
-        raise EvaluationError(f"{path}: expected a model card or a {{mode: threshold}} object")
+        raise DataError(f"{path}: expected a model card or a {{mode: threshold}} object")
     return normalize_operating_points(data, "given")

@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from bone_r import DISCLAIMER
-from bone_r.dataset import EvaluationError, ground_truth_from_folder
+from bone_r.dataset import DataError, ground_truth_from_folder
 from bone_r.detection import load_records
 from bone_r.metrics import evaluate_records, predict_split
 from bone_r.modes import normalize_operating_points
@@ -77,15 +77,15 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 predictor = inference.Predictor(args.weights, args.backend, args.device)
             except (FileNotFoundError, ValueError) as err:
-                raise EvaluationError(str(err)) from None
+                raise DataError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
-                raise EvaluationError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
+                raise DataError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
         if args.thresholds:
             ops = load_thresholds_file(args.thresholds)
         elif predictor is not None and predictor.card and predictor.card.thresholds:
             ops = normalize_operating_points(predictor.card.thresholds, "model_card")
         else:
-            raise EvaluationError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
+            raise DataError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
                                            "validation split first, or pass --thresholds CARD.json (never chosen on external data)")
         bases: list[Path] = []
         if predictor is not None:
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             bases.append(args.predictions.resolve().parent)
         report = evaluate_records(records, gt, ops, allow_missing=args.allow_missing, record_bases=bases,
                                            n_boot=args.n_boot, seed=args.seed, iou=args.iou)
-    except EvaluationError as err:
+    except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     report["external"] = {"images": str(args.images), "source": args.source, "region": args.region,

@@ -54,7 +54,7 @@ import inference
 from bone_r import DISCLAIMER, site
 from bone_r.card import card_path_for
 from bone_r.contract import fit_long_side, to_uint8
-from bone_r.dataset import EvaluationError, GroundTruth, GTImage, load_ground_truth
+from bone_r.dataset import DataError, GroundTruth, GTImage, load_ground_truth
 from bone_r.detection import Detection
 from bone_r.draw import PALETTE
 from bone_r.image import ImageDecodeError, LoadedImage, load_image
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         return _run(args)
-    except (CasesError, EvaluationError, FileNotFoundError) as err:
+    except (CasesError, DataError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

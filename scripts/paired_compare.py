@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bone_r import DISCLAIMER
-from bone_r.dataset import EvaluationError, load_ground_truth
+from bone_r.dataset import DataError, load_ground_truth
 from bone_r.detection import load_records, match_predictions
 from bone_r.metrics import paired_bootstrap
 
@@ -47,10 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             matched, _, errors = match_predictions(load_records(path), gt, [path.parent])
             missing = sum(p is None for p in matched)
             if errors or missing:
-                raise EvaluationError(f"{path}: {len(errors)} problem(s), {missing} image(s) of {args.split} without a "
+                raise DataError(f"{path}: {len(errors)} problem(s), {missing} image(s) of {args.split} without a "
                                       f"prediction" + (f"; {errors[0]}" if errors else ""))
             preds.append(matched)
-    except (OSError, ValueError, EvaluationError) as err:
+    except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     result = paired_bootstrap(gt, preds[0], preds[1], n_boot=args.n_boot, seed=args.seed)

@@ -22,7 +22,7 @@ import evaluate as ev
 import inference
 from bone_r.card import ModelCard, update_model_card
 from bone_r.contract import Contract, harmonize
-from bone_r.dataset import IDENTITY_CONTRACT, EvaluationError, GroundTruth, GTImage, load_ground_truth
+from bone_r.dataset import IDENTITY_CONTRACT, DataError, GroundTruth, GTImage, load_ground_truth
 from bone_r.detection import BoxRule, Detection, ImagePrediction, match_predictions
 from bone_r.image import load_image
 from bone_r.metrics import (
@@ -454,9 +454,9 @@ def test_load_ground_truth_weak_positive_and_bad_input(tree):
     assert weak.label == 1 and weak.boxes_known is False and gt.n_positive == 4
     assert box_metrics(gt, [None] * len(gt))["n_images"] == 5  # left out of box metrics
     (root / "labels" / "test" / "ph005.txt").write_text("0 0.5 0.5\n")
-    with pytest.raises(EvaluationError, match="ph005.txt:1"):
+    with pytest.raises(DataError, match="ph005.txt:1"):
         load_ground_truth(root / "dataset.yaml", "test")
-    with pytest.raises(EvaluationError, match="not found"):
+    with pytest.raises(DataError, match="not found"):
         load_ground_truth(root / "missing.yaml", "test")
 
 
@@ -464,7 +464,7 @@ def test_splits_csv_listing_an_image_under_another_split_is_an_error(tree):
     root, _ = tree
     text = (root / "splits.csv").read_text().replace("images/test/ph002.png,test", "images/test/ph002.png,train")
     (root / "splits.csv").write_text(text)
-    with pytest.raises(EvaluationError, match="another split"):
+    with pytest.raises(DataError, match="another split"):
         load_ground_truth(root / "dataset.yaml", "test")
 
 
@@ -703,7 +703,7 @@ def test_evaluate_predictions_shapes_and_json(tmp_path):
     json.dumps(r)  # plain JSON, no numpy types
     assert r["localization"]["iou"] == 0.3 and r["image_level"]["balanced"]["threshold"] == 0.5
     assert not any(isinstance(v, float) and math.isnan(v) for v in r["box"].values() if v is not None)
-    with pytest.raises(EvaluationError, match="unknown mode"):
+    with pytest.raises(DataError, match="unknown mode"):
         evaluate_predictions(gt, preds, {"lenient": 0.5})
     with pytest.raises(ValueError, match="predictions for"):
         evaluate_predictions(gt, preds[:2], {"balanced": 0.5})
