@@ -95,6 +95,10 @@ Report JSON (``evaluate_predictions`` / ``run_evaluation``)
       "by_source": {source: {"n_images", "n_positive", "n_gt_boxes", "box": {...},
                              "image_level": {mode: {...}}}},
       "by_region": {region: same},
+      "by_source_radiographs": {source: same, each radiograph once}, "mean_over_sources": {...},
+      "by_fracture_size": {"threshold" (balanced), "iou", "area": "largest true box / image area",
+                           "by_source": {source: [{"n", "area_min", "area_max",
+                                                   "flagged": {"k", "value", "ci"}, "found": {...}}, x3]}},
       "settings": {"n_boot", "seed", "iou", "max_dets", "min_score", "targets", "val_split"},
       "val": {"split", "n_images", "n_positive"},            # when thresholds were chosen on val
       "model": {"weights", "backend"} | {"predictions"},      # CLI

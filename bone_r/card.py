@@ -164,6 +164,7 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
         "mean_over_sources": report.get("mean_over_sources"),
         "by_source": {k: part(v) for k, v in report.get("by_source", {}).items()},
         "by_region": {k: part(v) for k, v in report.get("by_region", {}).items()},
+        "by_fracture_size": report.get("by_fracture_size"),
         "bootstrap": {"n_boot": report["settings"]["n_boot"], "seed": report["settings"]["seed"], "resampled": "groups"},
         "notes": report.get("notes", []),
     }

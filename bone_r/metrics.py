@@ -408,10 +408,7 @@ def _breakdown(gt: GroundTruth, preds: Sequence[ImagePrediction | None], scores:
     for value in values:
         idx = [i for i, im in enumerate(gt.images) if getattr(im, attr) == value]
         if one_per_group:
-            first: dict[str, int] = {}
-            for i in sorted(idx, key=lambda i: gt.images[i].key):
-                first.setdefault(gt.images[i].group, i)
-            idx = sorted(first.values())
+            idx = _first_of_groups(gt, idx)
         sub = gt.subset(idx)
         sub_preds = [preds[i] for i in idx]
         box = box_metrics(sub, sub_preds, max_dets)
@@ -423,6 +420,42 @@ def _breakdown(gt: GroundTruth, preds: Sequence[ImagePrediction | None], scores:
             "image_level": {mode: image_level(sub.labels, scores[idx], op["threshold"], sub.groups, n_boot, seed) for mode, op in ops.items()},
         }
     return out
+
+
+def _first_of_groups(gt: GroundTruth, idx: Sequence[int]) -> list[int]:
+    """Of `idx`, each group's first image in file-name order (a radiograph's copies and near-duplicates count once)."""
+    first: dict[str, int] = {}
+    for i in sorted(idx, key=lambda i: gt.images[i].key):
+        first.setdefault(gt.images[i].group, i)
+    return sorted(first.values())
+
+
+def by_fracture_size(gt: GroundTruth, preds: Sequence[ImagePrediction | None], threshold: float, parts: int = 3,
+                     iou: float = DEFAULT_LOC_IOU) -> dict[str, Any]:
+    """Sensitivity by fracture size, per source: its positives with known boxes (each radiograph once), sorted by
+    the area of their largest true box as a fraction of the image and cut into `parts` near-equal parts
+    (`np.array_split`). Each part: n, its area range, `flagged` (a box >= threshold anywhere) and `found` (one hitting a
+    true box at IoU >= iou), each as a rate with Wilson's 95% interval. Small fractures are where detectors fail first;
+    this says where a model's misses are."""
+    hits = localization_hits(gt, preds, threshold, iou)
+    out: dict[str, Any] = {}
+    for source in sorted({im.source for im in gt.images}):
+        idx = [i for i in _first_of_groups(gt, [i for i, im in enumerate(gt.images) if im.source == source])
+               if gt.images[i].label and gt.images[i].boxes_known and len(gt.images[i].boxes)]
+        if len(idx) < parts:
+            continue
+        area = {i: float(max((b[2] - b[0]) * (b[3] - b[1]) for b in gt.images[i].boxes))
+                / (gt.images[i].width * gt.images[i].height) for i in idx}
+        rows = []
+        for part in np.array_split(np.array(sorted(idx, key=lambda i: (area[i], gt.images[i].key))), parts):
+            row: dict[str, Any] = {"n": len(part), "area_min": round(area[int(part[0])], 6), "area_max": round(area[int(part[-1])], 6)}
+            for name in ("flagged", "found"):
+                k = int(hits[name][part].sum())
+                row[name] = {"k": k, "value": round(k / len(part), 6),
+                             "ci": [round(v, 6) for v in wilson_interval(k, len(part))], "ci_method": "wilson"}
+            rows.append(row)
+        out[source] = rows
+    return {"threshold": float(threshold), "iou": iou, "area": "largest true box / image area", "by_source": out}
 
 
 def mean_over(parts: dict[str, Any], mode: str = "balanced") -> dict[str, Any]:
@@ -484,6 +517,8 @@ def evaluate_predictions(gt: GroundTruth, preds: Sequence[ImagePrediction | None
         # the headline: each radiograph once (Roboflow's augmented copies and near-duplicates share a group)
         report["by_source_radiographs"] = _breakdown(gt, preds, scores, ops, "source", n_boot, seed, max_dets, one_per_group=True)
         report["mean_over_sources"] = mean_over(report["by_source_radiographs"])
+        if "balanced" in ops:
+            report["by_fracture_size"] = by_fracture_size(gt, preds, ops["balanced"]["threshold"], iou=iou)
     return jsonable(report)
 
 

@@ -76,6 +76,14 @@ def format_report(report: dict[str, Any]) -> str:
     for title in ("by_source", "by_region"):
         if report.get(title):
             lines += _part_table(f"{title.replace('_', ' ')}, every image (balanced mode)", report[title])
+    sizes = report.get("by_fracture_size")
+    if sizes and sizes["by_source"]:
+        lines += ["", f"sensitivity by fracture size (balanced mode; each radiograph once; positives sorted by "
+                      f"{sizes['area']}, cut in {len(next(iter(sizes['by_source'].values())))}: flagged / found at IoU >= {sizes['iou']})"]
+        for source, rows in sizes["by_source"].items():
+            cells = [f"{100 * r['area_min']:.2f}-{100 * r['area_max']:.2f}% n={r['n']}: {with_ci(r['flagged'])} / "
+                     f"{r['found']['value']:.2f}" for r in rows]
+            lines.append(f"{source[:22]:<22} " + "   ".join(cells))
     if report.get("box_rule"):
         lines.append(f"box rule: {BoxRule(**report['box_rule']['rule'])} (from {report['box_rule']['source']})")
     for note in report.get("notes", []):

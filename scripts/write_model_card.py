@@ -89,6 +89,20 @@ def breakdown(parts: dict[str, Any], mode: str = "balanced", mean: dict[str, Any
     return table(["", "images", "positive", "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
 
 
+def size_section(sizes: dict[str, Any] | None) -> list[str]:
+    """Sensitivity by fracture size: each source's positives cut in parts by their largest true box."""
+    if not sizes or not sizes.get("by_source"):
+        return []
+    rows = [[source, f"{k + 1}", f"{100 * r['area_min']:.2f}–{100 * r['area_max']:.2f}%", str(r["n"]),
+             with_ci(r["flagged"], dash="–"), with_ci(r["found"], dash="–")]
+            for source, parts in sorted(sizes["by_source"].items()) for k, r in enumerate(parts)]
+    return ["### Sensitivity by fracture size (balanced mode)", "",
+            f"Each source's positives (each radiograph once) sorted by the {sizes['area']} and cut in near-equal parts; "
+            f"flagged: a box at or above the threshold anywhere; found: one at IoU >= {sizes['iou']} with a true box. "
+            "Intervals: Wilson.", "",
+            table(["source", "part", "box area", "n", "flagged [95% CI]", "found [95% CI]"], rows), ""]
+
+
 def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
     extra = extra or {}
     metrics = card.get("metrics") or {}
@@ -152,6 +166,7 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
                     f"{json.dumps(rule) + ' (chosen on ' + str(card.get('box_rule_chosen_on')) + ')' if rule else 'none'}.", ""]
         out += ["### By source, every image (balanced mode)", "", breakdown(metrics.get("by_source") or {}), "",
                 "### By region, every image (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
+        out += size_section(metrics.get("by_fracture_size"))
     if extra.get("candidates"):
         out += ["## Candidates compared (validation split)", "", table(list(extra["candidates"][0].keys()),
                 [[num(v) for v in row.values()] for row in extra["candidates"]]),

@@ -852,6 +852,29 @@ def test_per_source_headline_counts_each_radiograph_once_with_its_own_auc():
     assert text.index("each radiograph once") < text.index("pooled over every source")
 
 
+def test_sensitivity_by_fracture_size_cuts_each_sources_positives_by_their_largest_box():
+    # source "a": six fractures of 5..30 px squares on 100x100 images (areas 0.25%..9%), one with a second, smaller
+    # box (the largest box counts), a copy of the 30-px radiograph (same group: counted once) and a negative.
+    sq = lambda s: [10, 10, 10 + s, 10 + s]  # noqa: E731
+    truth = [[sq(20)], [sq(5)], [sq(30)], [sq(10)], [sq(25), sq(4)], [sq(15)], [sq(30)], []]
+    groups = ["g20", "g5", "g30", "g10", "g25", "g15", "g30", "neg"]
+    sources = {i: "a" for i in range(8)} | {7: "b"}
+    gt = make_gt(truth, groups=groups, sources=sources)
+    elsewhere = [60, 60, 90, 90]
+    preds = [pred([elsewhere], [0.9]), pred([], []), pred([sq(30)], [0.9]), pred([sq(10)], [0.2]),
+             pred([sq(25)], [0.9]), pred([], []), pred([], []), pred([elsewhere], [0.9])]
+    report = evaluate_predictions(gt, preds, {"balanced": 0.5}, n_boot=0)
+    sizes = report["by_fracture_size"]
+    assert sizes["threshold"] == 0.5 and list(sizes["by_source"]) == ["a"]  # "b" has no positive
+    rows = sizes["by_source"]["a"]
+    assert [r["n"] for r in rows] == [2, 2, 2]
+    assert [(r["area_min"], r["area_max"]) for r in rows] == [(0.0025, 0.01), (0.0225, 0.04), (0.0625, 0.09)]
+    assert [r["flagged"]["k"] for r in rows] == [0, 1, 2]  # 20 px flagged by a box elsewhere
+    assert [r["found"]["k"] for r in rows] == [0, 0, 2]  # ... which does not find it; 10 px scored below threshold
+    assert rows[2]["found"]["value"] == 1.0 and rows[0]["flagged"]["ci"][0] == 0 and 0 < rows[0]["flagged"]["ci"][1] < 1
+    assert "sensitivity by fracture size" in format_report(report)
+
+
 def test_paired_bootstrap_says_when_one_model_beats_another_and_when_not():
     from bone_r.metrics import paired_bootstrap
 

@@ -19,7 +19,10 @@ def _card():
                        "balanced": {"threshold": 0.25}, "specific": {"threshold": 0.6}},
         "metrics": {"split": "test", "n_images": 60, "n_positive": 10, "box": {"map50": 0.4321, "map50_95": 0.1234, "n_gt_boxes": 12},
                     "image_level": {"balanced": level}, "bootstrap": {"n_boot": 2000, "resampled": "groups"},
-                    "by_source": {"fracatlas": part}, "by_region": {"hand": part}},
+                    "by_source": {"fracatlas": part}, "by_region": {"hand": part},
+                    "by_fracture_size": {"threshold": 0.25, "iou": 0.3, "area": "largest true box / image area", "by_source": {
+                        "fracatlas": [{"n": 4, "area_min": 0.0008, "area_max": 0.003, "flagged": ci(0.5, 0.15, 0.85),
+                                       "found": ci(0.25, 0.05, 0.7)}]}}},
     }
 
 
@@ -32,6 +35,7 @@ def test_renders_the_cards_numbers(tmp_path):
     assert "mAP@0.5 **0.432**" in text and "0.800 [0.700–0.900]" in text and "8/5/45/2" in text
     assert "| screening | 0.0500 | 0.950 | 0.960 | 0.400 |" in text
     assert "| fracatlas | 60 | 10 | 0.432 | 0.123 |" in text and "| hand | 60 |" in text
+    assert "| fracatlas | 1 | 0.08–0.30% | 4 | 0.500 [0.150–0.850] | 0.250 [0.050–0.700] |" in text
     assert "not a diagnosis" in text and "What it cannot do" in text
 
 
