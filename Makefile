@@ -68,7 +68,7 @@ finetune: setup
 # float16-stored ONNX checked against it, box rule and thresholds chosen on val, test metrics in the card, and its
 # predictions (records.json) for `make compare`. Then `make compare`: the replacement rule (JOURNAL 2026-11-29).
 CAND ?= runs/$(RUN)-candidate
-BUNDLE_RECORDS := runs/bundle-eval/records.json
+BUNDLE_EVAL := runs/bundle-eval
 
 candidate: setup
 	$(BIN)/python scripts/export_onnx.py --weights runs/$(RUN)/weights/best.pth --fp16-checkpoint $(CAND)/bone-r-default.pth \
@@ -76,15 +76,14 @@ candidate: setup
 	$(BIN)/python evaluate.py --weights $(CAND)/bone-r-default.onnx --data $(OUT)/dataset.yaml --box-rule choose --write-card \
 	  --out $(CAND)/report.json --save-predictions $(CAND)/records.json --no-plots --quiet
 
-$(BUNDLE_RECORDS): weights/bone-r-default.onnx weights/bone-r-default.json
-	$(BIN)/python evaluate.py --weights weights/bone-r-default.onnx --data $(OUT)/dataset.yaml \
-	  --out $(@D)/report.json --save-predictions $@ --no-plots --quiet
+# the bundle's predictions on one split, with its card's rule (remade when the bundle changes)
+$(BUNDLE_EVAL)/records-%.json: weights/bone-r-default.onnx weights/bone-r-default.json
+	$(BIN)/python evaluate.py --weights weights/bone-r-default.onnx --data $(OUT)/dataset.yaml --split $* \
+	  --out $(@D)/report-$*.json --save-predictions $@ --no-plots --quiet
 
-compare: setup $(BUNDLE_RECORDS)
-	$(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split val $(BUNDLE_RECORDS) $(CAND)/records.json \
-	  --json $(CAND)/compare-val.json
-	$(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split test $(BUNDLE_RECORDS) $(CAND)/records.json \
-	  --json $(CAND)/compare-test.json
+compare: setup $(BUNDLE_EVAL)/records-val.json $(BUNDLE_EVAL)/records-test.json
+	for split in val test; do $(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split $$split \
+	  $(BUNDLE_EVAL)/records-$$split.json $(CAND)/records.json --json $(CAND)/compare-$$split.json || exit 1; done
 
 lint: setup
 	$(BIN)/ruff check .

@@ -277,6 +277,15 @@ def write_run_files(run_dir: Path, script: str, argv: list[str], args: argparse.
     return run
 
 
+def print_json(payload: Any, out: Path | None = None, indent: int = 2) -> None:
+    """A benchmark's report: printed, and written to `out` too when given (its folder made)."""
+    text = json.dumps(payload, indent=indent)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+
+
 def read_json(path: str | Path, what: str = "", error: type[Exception] = TrainError) -> Any:
     """The JSON value in `path`, or `error` with one sentence. With `what` (e.g. "predictions file"): '<what> not
     found: <path>' or '<path> is not valid JSON: ...'; without: 'cannot read <path>: ...' (a run's own files)."""

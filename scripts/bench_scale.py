@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import statistics
 import sys
 import time
@@ -30,7 +29,7 @@ import numpy as np
 
 from bone_r.contract import Contract
 from bone_r.image import DICOM_DECODERS, decode_dicom_frame, dicom_family, list_images, load_image
-from bone_r.runs import display_path, set_threads
+from bone_r.runs import display_path, print_json, set_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -225,11 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     report = {"predict": bench_predict, "shards": bench_shards, "decoders": bench_decoders,
               "reduced": bench_reduced}[args.what](args)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_json(report, args.out, indent=1)
     return 0
 
 

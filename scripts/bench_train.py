@@ -16,7 +16,6 @@ Measures compute only: no image decoding or resizing (the trainer's cache does t
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from bone_r.runs import set_threads
+from bone_r.runs import print_json, set_threads
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -131,11 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"what": "forward + backward per training image (train mode, synthetic batch)", "arch": args.arch,
               "imgsz": args.imgsz, "batch": args.batch, "warmup": args.warmup, "repeats": args.repeats,
               "threads": args.threads, "device": args.device, "torch": torch.__version__, "rows": rows}
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    print_json(report, args.out, indent=2)
     return 0
 
 

@@ -341,7 +341,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "data", help="the site's data folder (default docs/data)")
     p.add_argument("--n", type=int, default=16, help="cases (8-16 for the site; default 16)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-extra", type=int, default=16, help="extra predictions allowed to find a miss and a false alarm")
+    p.add_argument("--max-extra", type=int, default=64, help="extra predictions allowed to find a miss and a false alarm")
     p.add_argument("--max-side", type=int, default=1024, help="long side of the JPEG copies (at most 1024)")
     p.add_argument("--budget-mb", type=float, default=6.0, help="all JPEG copies together at most this (MB, 10^6 bytes)")
     p.add_argument("--device", default="cpu")

@@ -374,6 +374,29 @@ def test_fp16_checkpoint_is_what_the_onnx_holds(tv_models, capsys):
     assert "must not overwrite" in capsys.readouterr().err
 
 
+def test_onnx_to_pth_reads_weights_stored_as_float16(tv_models, tmp_path):
+    """An export with --store-fp16 (weights as <name>_fp16 cast back in the graph) gives the same tensors, rounded."""
+    import onnx
+
+    from models.export import store_weights_fp16
+    from scripts.onnx_to_pth import recover_state
+
+    _, fp32_path = tv_models["fasterrcnn"]
+    config = json.loads(fp32_path.with_suffix(".json").read_text())["model_config"]
+    proto = onnx.load(str(fp32_path))
+    stored = store_weights_fp16(proto)
+    onnx.save(proto, str(tmp_path / "fp16.onnx"))
+    full = recover_state(fp32_path, config)
+    half = recover_state(tmp_path / "fp16.onnx", config)
+    assert set(half) == set(full)
+    rounded = 0
+    for key, value in full.items():
+        same = torch.equal(half[key], value)
+        rounded += not same
+        assert same or torch.equal(half[key], value.half().float()), key
+    assert stored["tensors"] > 0 and rounded > 0  # the large tensors came through the float16 path
+
+
 def test_store_weights_fp16_leaves_small_out_of_range_and_input_tensors(tmp_path):
     """Only float32 initializers that are big, finite, within float16's range and not graph inputs are rewritten."""
     import onnx
