@@ -677,15 +677,15 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
         shared = {im.path.resolve() for im in gt.images} & {im.path.resolve() for im in val_gt.images}
         if shared:
             raise DataError(f"the '{val_split}' and '{split}' splits of {display_path(data_yaml)} share "
-                                  f"{len(shared)} of {len(gt)} image(s) (e.g. {display_path(min(shared))}): thresholds "
-                                  f"chosen on the scored images would be optimistic; point '{val_split}' at other images, or "
-                                  f"pass --val-split {split} to choose on the scored split knowingly")
+                            f"{len(shared)} of {len(gt)} image(s) (e.g. {display_path(min(shared))}): thresholds "
+                            f"chosen on the scored images would be optimistic; point '{val_split}' at other images, or "
+                            f"pass --val-split {split} to choose on the scored split knowingly")
     notes: list[str] = []
     if box_rule not in ("card", "none", "choose"):
         raise DataError(f"box_rule must be card, none or choose, got {box_rule!r}")
     if box_rule == "choose" and (not _is_predictor(predictions) or val_gt is None or val_split == split):
         raise DataError("choosing a box rule needs a model (--weights) and a val split other than the scored one, "
-                              "without fixed --thresholds")
+                        "without fixed --thresholds")
     rule_report: dict[str, Any] | None = None
     if _is_predictor(predictions):
         if box_rule != "card":
@@ -707,7 +707,7 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
             test_records = rest
         if not any(p is not None for p in val_preds):
             raise DataError(f"no predictions for the '{val_split}' split, so no thresholds can be chosen: "
-                                  "predict the val images too (--val-predictions), or pass --thresholds CARD.json")
+                            "predict the val images too (--val-predictions), or pass --thresholds CARD.json")
         val_errors = [f"{val_split}: {e}" for e in errs + (_missing(val_gt, val_preds, errs) if val_split != split else [])]
         if box_rule == "choose":
             rule, table = choose_box_rule(val_gt, val_preds)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             ops = normalize_operating_points(predictor.card.thresholds, "model_card")
         else:
             raise DataError("no frozen thresholds: the model card has none; run evaluate.py --write-card on the "
-                                           "validation split first, or pass --thresholds CARD.json (never chosen on external data)")
+                            "validation split first, or pass --thresholds CARD.json (never chosen on external data)")
         bases: list[Path] = []
         if predictor is not None:
             records = predict_split(predictor, gt, progress=not args.quiet)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
             missing = sum(p is None for p in matched)
             if errors or missing:
                 raise DataError(f"{path}: {len(errors)} problem(s), {missing} image(s) of {args.split} without a "
-                                      f"prediction" + (f"; {errors[0]}" if errors else ""))
+                                f"prediction" + (f"; {errors[0]}" if errors else ""))
             preds.append(matched)
     except (OSError, ValueError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
