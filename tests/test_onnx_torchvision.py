@@ -372,6 +372,9 @@ def test_fp16_checkpoint_is_what_the_onnx_holds(tv_models, capsys):
     assert card["export"]["weights_storage"] == "float16"
     assert export_main(["--weights", str(full), "--fp16-checkpoint", str(full), "--out", str(cand / "x.onnx")]) == 2
     assert "must not overwrite" in capsys.readouterr().err
+    assert export_main(["--weights", str(full), "--fp16-checkpoint", str(cand / "m.pt"), "--out", str(cand / "x.onnx")]) == 2
+    assert "takes a torchvision .pth and writes a .pth" in capsys.readouterr().err
+    assert not (cand / "m.pt").exists() and not (cand / "x.onnx").exists()
 
 
 def test_onnx_to_pth_reads_weights_stored_as_float16(tv_models, tmp_path):
