@@ -567,6 +567,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                                            "best_score": best_score, "best_epoch": best_epoch})
         log_epoch(run_dir, row)
+        write_best_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "
               f"mAP50-95 {row['val_mAP50_95']:.4f}, {train_seconds:.1f} s train + {seconds - train_seconds:.1f} s val")
         if dist is not None:
@@ -579,6 +580,20 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     if not main_rank:
         return 0
     best = run_dir / "weights" / "best.pth"
+    card_path, card = write_best_card(run_dir, run, args, info, config, started_from, best_epoch, launch)
+    training = card.extra["training"]
+    print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
+          f"(val mAP50 {card.extra['training_validation']['val_mAP50']}); weights {display_path(best)}, card {display_path(card_path)}")
+    rc = evaluate_after_training(best, args.data, governor.threads) if args.evaluate else 0
+    if not args.evaluate:
+        print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
+    print(DISCLAIMER)
+    return 1 if rc else 0
+
+
+def write_best_card(run_dir: Path, run: dict[str, Any], args: argparse.Namespace, info: Any, config: dict[str, Any],
+                    started_from: str, best_epoch: int, launch: dict[str, Any] | None) -> tuple[Path, Any]:
+    """(card path, ModelCard): best.pth's model card from the run's files, as of the last finished epoch."""
     training = training_summary(run_dir, run, args.seed, args.device)
     if launch is not None:
         training["distributed"] = launch  # this (the last) invocation's processes; run.json has each one's
@@ -592,14 +607,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                              "note": "val split during training (box_metrics); evaluate.py gives the reported metrics"},
         model_config=config,
     )
-    card_path = write_card(best, card)
-    print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
-          f"(val mAP50 {best_row.get('val_mAP50')}); weights {display_path(best)}, card {display_path(card_path)}")
-    rc = evaluate_after_training(best, args.data, governor.threads) if args.evaluate else 0
-    if not args.evaluate:
-        print(f"next: python evaluate.py --weights {display_path(best)} --data {display_path(args.data)} --write-card")
-    print(DISCLAIMER)
-    return 1 if rc else 0
+    return write_card(run_dir / "weights" / "best.pth", card), card
 
 
 if __name__ == "__main__":

@@ -176,7 +176,9 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     for name in ("args.json", "git_commit", "splits_sha256", "contract.json", "run.json", "train_log.csv",
                  "weights/last.pth", "weights/best.pth"):
         assert (run / name).is_file(), name
-    assert not (run / "weights" / "best.json").exists()
+    # a stopped (or interrupted) run has best.pth's card as of its last finished epoch
+    stopped = json.loads((run / "weights" / "best.json").read_text())
+    assert stopped["training"]["epochs"] == 1 and stopped["training_validation"]["best_epoch"] == 1
     assert main(["--resume", *common]) == 0
     with open(run / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
