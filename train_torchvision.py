@@ -98,9 +98,10 @@ class DetectionSet:
     """
 
     def __init__(self, gt_images: list[Any], imgsz: int, *, train: bool, hflip: float = 0.0, vflip: float = 0.0,
-                 cache_dir: Path | None = None):
+                 jpeg: float = 0.0, jpeg_quality: tuple[int, int] = (40, 95), cache_dir: Path | None = None):
         self.items = gt_images
         self.imgsz, self.train, self.hflip, self.vflip = imgsz, train, hflip, vflip
+        self.jpeg, self.jpeg_quality = jpeg, jpeg_quality
         self.epoch_seed = 0
         self.cache_dir = cache_dir
         if cache_dir is not None:
@@ -155,11 +156,23 @@ class DetectionSet:
             if self.vflip and rng.random() < self.vflip:
                 rgb = rgb[::-1]
                 boxes = boxes[:, [0, 3, 2, 1]] * np.array([1, -1, 1, -1]) + np.array([0, h, 0, h])
+            if self.jpeg and rng.random() < self.jpeg:  # radiographs arrive re-compressed: learn to ignore the artefacts
+                rgb = jpeg_roundtrip(rgb, int(rng.integers(self.jpeg_quality[0], self.jpeg_quality[1] + 1)))
         boxes = boxes[((boxes[:, 2] - boxes[:, 0]) >= 1) & ((boxes[:, 3] - boxes[:, 1]) >= 1)]  # drop degenerate boxes
         image = torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float().div_(255.0)
         target = {"boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                   "labels": torch.ones(len(boxes), dtype=torch.int64)}
         return image, target
+
+
+def jpeg_roundtrip(rgb: np.ndarray, quality: int) -> np.ndarray:
+    """`rgb` (three equal channels) encoded as a grayscale JPEG at `quality` and decoded again."""
+    import cv2
+
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, 0]), [cv2.IMWRITE_JPEG_QUALITY, quality])
+    if not ok:
+        raise TrainError(f"JPEG encoding failed at quality {quality}")
+    return cv2.cvtColor(cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE), cv2.COLOR_GRAY2RGB)
 
 
 def collate(batch):
@@ -331,6 +344,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-grad", type=float, default=10.0)
     p.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability")
     p.add_argument("--vflip", type=float, default=0.0, help="vertical flip probability")
+    p.add_argument("--jpeg", type=float, default=0.0,
+                   help="probability of re-compressing a training image as JPEG (default: %(default)s)")
+    p.add_argument("--jpeg-quality", type=int, nargs=2, default=[40, 95], metavar=("LO", "HI"),
+                   help="JPEG quality drawn uniformly in [LO, HI] (default: %(default)s)")
     p.add_argument("--scale-min", type=float, default=0.75, help="scale jitter: long side in [scale-min, 1] x imgsz, per batch")
     p.add_argument("--fraction", type=float, default=1.0, help="train on this seeded fraction of the train split")
     p.add_argument("--val-fraction", type=float, default=1.0, help="validate on this seeded fraction of the val split")
@@ -368,6 +385,8 @@ def _check(args: argparse.Namespace) -> None:
         raise TrainError(f"--imgsz must be a multiple of 32, got {args.imgsz}")
     if not (0 < args.fraction <= 1 and 0 < args.val_fraction <= 1 and 0 < args.scale_min <= 1):
         raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1]")
+    if not (0 <= args.jpeg <= 1 and 1 <= args.jpeg_quality[0] <= args.jpeg_quality[1] <= 100):
+        raise TrainError("--jpeg must lie in [0, 1] and --jpeg-quality be LO <= HI within 1..100")
     if args.workers < 0 or (args.stop_after is not None and args.stop_after < 1):
         raise TrainError("--workers must be >= 0 and --stop-after >= 1")
     if args.threads is not None and args.threads < 1:
@@ -478,7 +497,9 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     if main_rank:
         (run_dir / "weights").mkdir(exist_ok=True)
     cache = None if args.no_cache else Path(args.cache) / f"long{args.imgsz}"
-    train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip, cache_dir=cache)
+    train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip,
+                             jpeg=args.jpeg, jpeg_quality=tuple(args.jpeg_quality),
+                             cache_dir=cache)
     val_set = DetectionSet(val_gt.images, args.imgsz, train=False, cache_dir=cache)
     from models.torchvision_det import set_model_size
 

@@ -317,6 +317,28 @@ def test_resize_cache_gives_the_decoded_pixels_and_survives_a_torn_file(tmp_path
     assert all(np.load(f).ndim == 2 for f in files)  # the torn file was rebuilt
 
 
+def test_jpeg_augmentation_recompresses_some_training_images_reproducibly(tmp_path):
+    from train_torchvision import DetectionSet, load_split, main
+
+    yaml_path = phantom_tree(tmp_path / "t", n=12, size=(300, 240))
+    gt, _ = load_split(yaml_path, "train", 1.0, None, 0)
+    plain = DetectionSet(gt.images, 128, train=True)
+    always = DetectionSet(gt.images, 128, train=True, jpeg=1.0, jpeg_quality=(30, 30))
+    half = DetectionSet(gt.images, 128, train=True, jpeg=0.5)
+    changed = 0
+    for i in range(len(gt.images)):
+        ref, target = plain[i]
+        img, target2 = always[i]
+        diff = (img - ref).abs().mean().item() * 255
+        assert 0 < diff < 4 and torch.equal(target["boxes"], target2["boxes"])  # close, not equal; boxes untouched
+        assert torch.equal(half[i][0], half[i][0])  # the same epoch seed draws the same image
+        changed += not torch.equal(half[i][0], ref)
+    assert 0 < changed < len(gt.images)  # p = 0.5 re-compresses some, not all
+    for bad in (["--jpeg", "1.5"], ["--jpeg-quality", "90", "40"]):
+        assert main(["--data", str(yaml_path), "--project", str(tmp_path / "runs"), *bad]) == 2
+    assert not (tmp_path / "runs").exists()
+
+
 def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
     from bone_r.runs import ThreadGovernor
 
