@@ -708,7 +708,7 @@
     summary.replaceChildren();
     if (!report || !report.image_level) {
       summary.append(el("p", "No evaluation report yet: python evaluate.py --weights W --data D --out docs/data/report.json --no-plots", { class: "note" }));
-      ["report-modes", "by-source-radiographs", "by-source", "by-region"].forEach(function (id) { $(id).replaceChildren(); });
+      ["report-modes", "by-source-radiographs", "by-source", "by-region", "by-fracture-size"].forEach(function (id) { $(id).replaceChildren(); });
       return;
     }
     const box = report.box || {};
@@ -757,7 +757,27 @@
         "a source with only positives has no specificity or AUC" : null,
         ["Name", "Images", "Positive", "True boxes", "mAP@0.5", "ROC AUC", "Sensitivity", "Specificity"], rows);
     });
+    renderFractureSize(report.by_fracture_size);
     renderCurves(report);
+  }
+
+  // flagged (the image) and found (a box at IoU >= the report's) for the smallest, middle and largest third
+  function renderFractureSize(sizes) {
+    const node = $("by-fracture-size");
+    const bySource = (sizes || {}).by_source || {};
+    const rows = [];
+    Object.keys(bySource).forEach(function (source) {
+      (Array.isArray(bySource[source]) ? bySource[source] : []).forEach(function (part, i) {
+        const pct = function (x) { return isNum(x) ? (100 * x).toFixed(2) + "%" : "n/a"; };
+        rows.push([i === 0 ? source : "", ["smallest", "middle", "largest"][i] || String(i + 1),
+          pct(part.area_min) + "–" + pct(part.area_max), { text: str(part.n), num: true },
+          metric(part.flagged), metric(part.found)]);
+      });
+    });
+    if (!rows.length) { node.replaceChildren(el("caption", "not in this report")); return; }
+    table(node, "Box area as a share of the image; found: a box at IoU ≥ " + num(sizes.iou, 1) +
+      " on the fracture at the balanced threshold " + num(sizes.threshold, 4),
+      ["Source", "Third", "Largest box", "Radiographs", "Flagged", "Found"], rows);
   }
 
   // --------------------------------------------------------------------------- curves (inline SVG)

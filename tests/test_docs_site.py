@@ -188,6 +188,9 @@ def test_viewer_toggles_slider_details_and_tables(browser, server):
         assert "demo-wbf (synthetic)" in page.text_content("#benchmark-table")
         assert page.locator("#by-source tbody tr").count() == 3
         assert page.locator("#by-region tbody tr").count() == 5
+        sizes = page.locator("#by-fracture-size tbody tr")  # 3 demo sources x 3 thirds, the source named once
+        assert sizes.count() == 9 and sizes.nth(0).locator("th").text_content() == "demo-atlas"
+        assert sizes.nth(1).locator("th").text_content() == "" and "smallest" in sizes.nth(0).text_content()
         assert page.locator("#pr-plot svg path").count() == 2 and page.locator("#froc-plot svg path").count() == 1
         # static copy: the upload form stays off and says why
         assert page.locator("#upload-button").is_disabled()
