@@ -15,7 +15,7 @@ OUT   ?= data/merged
 EPOCHS ?= 8
 RUN    ?= finetune
 
-.PHONY: setup test test-fast serve predict dataset finetune candidate compare lint clean help
+.PHONY: setup test test-fast serve predict dataset finetune candidate compare gpu-pack lint clean help
 
 help:
 	@echo "make test      set up .venv and run the test suite"
@@ -25,6 +25,7 @@ help:
 	@echo "make finetune [EPOCHS=8] [RUN=name]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
 	@echo "make candidate RUN=name [CAND=dir]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
 	@echo "make compare [CAND=dir]   candidate vs bundle on val and test (paired group bootstrap): replace when val excludes 0"
+	@echo "make gpu-pack   the merged tree as carry/pack.tar.gz (WebP at 640 px, ~45 MB) for scripts/gpu_train.sh on a lent GPU"
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -84,6 +85,12 @@ $(BUNDLE_EVAL)/records-%.json: weights/bone-r-default.onnx weights/bone-r-defaul
 compare: setup $(BUNDLE_EVAL)/records-val.json $(BUNDLE_EVAL)/records-test.json
 	for split in val test; do $(BIN)/python scripts/paired_compare.py --data $(OUT)/dataset.yaml --split $$split \
 	  $(BUNDLE_EVAL)/records-$$split.json $(CAND)/records.json --json $(CAND)/compare-$$split.json || exit 1; done
+
+# The merged tree packed for a lent GPU (README "A GPU lent for minutes"): carry/pack.tar.gz, git-ignored, ~45 MB
+gpu-pack: setup
+	$(BIN)/python scripts/compact_tree.py pack $(OUT)/dataset.yaml carry/pack --imgsz 640 --quality 64 --val-max 300 \
+	  --workers 2 --overwrite
+	tar -czf carry/pack.tar.gz -C carry pack && rm -rf carry/pack
 
 lint: setup
 	$(BIN)/ruff check .
