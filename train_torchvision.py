@@ -498,8 +498,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
         (run_dir / "weights").mkdir(exist_ok=True)
     cache = None if args.no_cache else Path(args.cache) / f"long{args.imgsz}"
     train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip,
-                             jpeg=args.jpeg, jpeg_quality=tuple(args.jpeg_quality),
-                             cache_dir=cache)
+                             jpeg=args.jpeg, jpeg_quality=tuple(args.jpeg_quality), cache_dir=cache)
     val_set = DetectionSet(val_gt.images, args.imgsz, train=False, cache_dir=cache)
     from models.torchvision_det import set_model_size
 
