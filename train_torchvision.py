@@ -92,7 +92,8 @@ class DetectionSet:
     Each image is decoded by `load_image` (the tree is already harmonized,
     so nothing else is done to its pixels), downscaled to `imgsz` on its long side
     (area interpolation; the model's transform then only normalizes and jitters),
-    and optionally flipped. With `cache_dir`, the downscaled pixels are kept there
+    and optionally flipped and re-compressed as JPEG (`jpeg`: the probability, the quality drawn from
+    `jpeg_quality`). With `cache_dir`, the downscaled pixels are kept there
     (one .npy per image and size, keyed by the file's path, size and mtime), so later
     epochs and runs read a few hundred KB instead of decoding the full-size PNG.
     """
