@@ -143,8 +143,8 @@ def unpack(args: argparse.Namespace) -> int:
         info = json.loads(meta.read_text())
     except (OSError, ValueError):
         raise DataError(f"{args.pack} is not a pack: no readable pack.json (write one with 'compact_tree.py pack')") from None
-    if info.get("format") != PACK_FORMAT:
-        raise DataError(f"{meta} is format {info.get('format')!r}, expected {PACK_FORMAT!r}")
+    if not isinstance(info, dict) or info.get("format") != PACK_FORMAT or not isinstance(info.get("images"), dict):
+        raise DataError(f"{meta} is not a {PACK_FORMAT} pack description (format and per-split image counts)")
     prepare_output(args.out, args.overwrite, inputs=[args.pack])
     jobs = []
     for split in info["images"]:

@@ -58,13 +58,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
     data = phantom_tree(tmp_path / "tree", n=6)
     not_a_pack = tmp_path / "empty"
     not_a_pack.mkdir()
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "pack.json").write_text('{"format": "bone-r-pack-v1"}')  # no per-split counts
     for args, says in [(["unpack", not_a_pack, tmp_path / "o1"], "is not a pack"),
+                       (["unpack", foreign, tmp_path / "o2"], "pack description"),
                        (["pack", data, tmp_path / "p1", "--splits", "train", "holdout"], "no 'holdout'"),
                        (["pack", data, tmp_path / "p2", "--quality", "0"], "--quality")]:
         proc = run(*args)
         assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
         assert says in proc.stderr and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "o1").exists()
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
 @pytest.mark.slow
