@@ -79,7 +79,6 @@ from bone_r.runs import (
 
 ROOT = Path(__file__).resolve().parent
 
-CHECKPOINT_FORMAT = "bone-r-torchvision-1"
 RESUME_CHANGEABLE = {"epochs", "workers", "threads", "quiet", "evaluate", "device", "cache", "no_cache"}
 
 
@@ -501,7 +500,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     train_set = DetectionSet(train_gt.images, args.imgsz, train=True, hflip=args.hflip, vflip=args.vflip,
                              jpeg=args.jpeg, jpeg_quality=tuple(args.jpeg_quality), cache_dir=cache)
     val_set = DetectionSet(val_gt.images, args.imgsz, train=False, cache_dir=cache)
-    from models.torchvision_det import set_model_size
+    from models.torchvision_det import CHECKPOINT_FORMAT, set_model_size
 
     sizes = sorted({max(64, round(args.imgsz * s / 32) * 32) for s in np.linspace(args.scale_min, 1.0, 6)})
     per_rank = len(train_set) if dist is None else math.ceil(len(train_set) / dist.world_size)

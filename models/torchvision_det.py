@@ -26,6 +26,7 @@ from bone_r.detection import Detection
 from models.backbones import EFFNET_BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
 
 ARCHS = ("fasterrcnn", "retinanet", "fcos")
+CHECKPOINT_FORMAT = "bone-r-torchvision-1"  # the "format" of every checkpoint written here or by the trainer
 CONFIG_VERSION = 1
 
 
@@ -161,6 +162,56 @@ def save_half_checkpoint(src: str | Path, dst: str | Path) -> dict[str, Any]:
     if card.is_file():
         card_path_for(dst).write_text(card.read_text())
     return half
+
+
+def average_states(states: list[dict[str, torch.Tensor]], config: dict[str, Any],
+                   weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The weighted average (a "model soup") of state dicts of one network (`config`), in float32.
+
+    A frozen norm is stored in either of two equivalent forms (trained: the ImageNet statistics; recovered from ONNX
+    by `onnx_to_pth.py`: scale and shift with mean 0, var 1 - eps), so its four tensors are not averaged as stored:
+    each is brought to scale and shift first, and the average is written back in the recovered form. Integer
+    tensors must be equal in every state. Raises ValueError on different keys or shapes."""
+    from torchvision.ops import FrozenBatchNorm2d
+
+    if not states:
+        raise ValueError("nothing to average")
+    weights = [1.0 / len(states)] * len(states) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(states) or min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-6:
+        raise ValueError(f"averaging weights must be {len(states)} non-negative numbers that sum to 1: {weights}")
+    keys = list(states[0])
+    for i, state in enumerate(states[1:], 2):
+        if set(state) != set(keys):
+            raise ValueError(f"checkpoint {i} has other tensors than checkpoint 1 ({len(set(state) ^ set(keys))} differ)")
+        for k in keys:
+            if state[k].shape != states[0][k].shape:
+                raise ValueError(f"checkpoint {i}: {k} has shape {tuple(state[k].shape)}, "
+                                 f"checkpoint 1 {tuple(states[0][k].shape)}")
+    norms = {f"{name}.": module.eps for name, module in build_model(config, pretrained_backbone=False).named_modules()
+             if isinstance(module, FrozenBatchNorm2d)}
+
+    def as_scale_shift(state: dict[str, torch.Tensor], prefix: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b, mean, var = (state[prefix + n].float() for n in ("weight", "bias", "running_mean", "running_var"))
+        scale = w * (var + eps).rsqrt()
+        return scale, b - mean * scale
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, eps in norms.items():
+        pairs = [as_scale_shift(state, prefix, eps) for state in states]
+        out[prefix + "weight"] = sum(w * s for w, (s, _) in zip(weights, pairs))
+        out[prefix + "bias"] = sum(w * t for w, (_, t) in zip(weights, pairs))
+        out[prefix + "running_mean"] = torch.zeros_like(out[prefix + "weight"])
+        out[prefix + "running_var"] = torch.full_like(out[prefix + "weight"], 1.0 - eps)
+    for k in keys:
+        if k in out:
+            continue
+        if states[0][k].is_floating_point():
+            out[k] = sum(w * state[k].float() for w, state in zip(weights, states))
+        elif all(torch.equal(state[k], states[0][k]) for state in states):
+            out[k] = states[0][k].clone()
+        else:
+            raise ValueError(f"{k} (integer) differs between the checkpoints: it cannot be averaged")
+    return {k: out[k] for k in keys}
 
 
 def checkpoint_arch(path: str | Path) -> str:

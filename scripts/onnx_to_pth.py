@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     from bone_r.card import ModelCard
     from bone_r.runs import save_checkpoint
-    from models.torchvision_det import half_state
+    from models.torchvision_det import CHECKPOINT_FORMAT, half_state
 
     card_path = args.card or args.onnx.with_suffix(".json")
     try:
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fp16:
         state = half_state(state)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(args.out, {"format": "bone-r-torchvision-1", "model": state, "config": config,
+    save_checkpoint(args.out, {"format": CHECKPOINT_FORMAT, "model": state, "config": config,
                                "epoch": int(card.extra.get("training", {}).get("epochs", 0)),
                                "recovered_from": args.onnx.name, "stored_dtype": "float16" if args.fp16 else "float32"})
     print(f"onnx_to_pth: {len(state)} tensors -> {args.out} ({args.out.stat().st_size / 1e6:.1f} MB)")
