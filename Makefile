@@ -15,6 +15,7 @@ OUT   ?= data/merged
 EPOCHS ?= 8
 IMGSZ  ?= 640
 RUN    ?= finetune
+TTA    ?= hflip
 
 .PHONY: setup test test-fast serve predict dataset finetune candidate compare gpu-pack lint clean help
 
@@ -24,7 +25,7 @@ help:
 	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
 	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
 	@echo "make finetune [EPOCHS=8] [IMGSZ=640] [RUN=name]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
-	@echo "make candidate RUN=name [CAND=dir]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
+	@echo "make candidate RUN=name [CAND=dir] [TTA=hflip|none]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
 	@echo "make compare [CAND=dir]   candidate vs bundle on val and test (paired group bootstrap): replace when val excludes 0"
 	@echo "make gpu-pack   the merged tree as carry/pack.tar.gz (WebP at 640 px, ~45 MB) for scripts/gpu_train.sh on a lent GPU"
 
@@ -67,15 +68,16 @@ finetune: setup
 	  --epochs $(EPOCHS) --batch 4 --lr 1e-4 --seed 0 --init weights/bone-r-default.pth --name $(RUN) --evaluate
 
 # A finished run as a bundle candidate in the bundle's layout (CAND/bone-r-default.{pth,onnx,json}): float16 .pth,
-# float16-stored ONNX checked against it, box rule and thresholds chosen on val, test metrics in the card, and its
-# predictions (records.json) for `make compare`. Then `make compare`: the replacement rule (JOURNAL 2026-11-29).
+# float16-stored ONNX checked against it, box rule and thresholds chosen on val with the test-time augmentation TTA
+# (the card's `tta`; hflip: image + mirror, JOURNAL 2026-11-30), test metrics in the card, and its predictions
+# (records.json) for `make compare`. Then `make compare`: the replacement rule (JOURNAL 2026-11-29).
 CAND ?= runs/$(RUN)-candidate
 BUNDLE_EVAL := runs/bundle-eval
 
 candidate: setup
 	$(BIN)/python scripts/export_onnx.py --weights runs/$(RUN)/weights/best.pth --fp16-checkpoint $(CAND)/bone-r-default.pth \
 	  --out $(CAND)/bone-r-default.onnx --store-fp16 --conf 0.001 --check $$(ls $(OUT)/images/test/* | awk 'NR%40==1')
-	$(BIN)/python evaluate.py --weights $(CAND)/bone-r-default.onnx --data $(OUT)/dataset.yaml --box-rule choose --write-card \
+	$(BIN)/python evaluate.py --weights $(CAND)/bone-r-default.onnx --data $(OUT)/dataset.yaml --box-rule choose --tta $(TTA) --write-card \
 	  --out $(CAND)/report.json --save-predictions $(CAND)/records.json --no-plots --quiet
 
 # the bundle's predictions on one split, with its card's rule (remade when the bundle changes)

@@ -62,10 +62,11 @@ def default_weights() -> Path:
 
 
 class Predictor:
-    """A detector plus its contract and thresholds: the one prediction path.
+    """A detector plus its contract, thresholds, box rule and test-time augmentation: the one prediction path.
 
-    `weights` defaults to the bundled model. The contract and the thresholds
-    come from the weights' model card, so prediction sees what training saw;
+    `weights` defaults to the bundled model. The contract, the thresholds, the box rule and
+    the test-time augmentation (`tta`: "hflip" also predicts the mirrored image and fuses
+    the two views) come from the weights' model card, so prediction sees what training saw;
     without a card the documented defaults are used (and reported as such).
     """
 
@@ -79,6 +80,7 @@ class Predictor:
         detector: Any = None,
         card: ModelCard | dict[str, Any] | None = None,
         imgsz: int | None = None,
+        tta: str | None = None,
     ):
         self.max_pixels = max_pixels
         if isinstance(card, dict):
@@ -92,12 +94,16 @@ class Predictor:
                 raise FileNotFoundError(f"weights not found: {self.weights}")
             self.card = card if card is not None else load_model_card(self.weights)
         # explicit arguments, then the card, then the defaults: the backend is handed the resolved size
-        self.settings = resolve(self.card, imgsz=imgsz, contract=contract)
+        self.settings = resolve(self.card, imgsz=imgsz, contract=contract, tta=tta)
         if detector is None:
             from models import build_detector, infer_backend
 
             detector = build_detector(backend or infer_backend(self.weights, self.card), self.weights, device=device,
                                       imgsz=self.settings.imgsz)
+        if self.settings.tta == "hflip":
+            from bone_r.fusion import MirrorTTA
+
+            detector = MirrorTTA(detector)
         self.detector = detector
         self.contract = self.settings.contract
         self.box_rule = self.settings.box_rule

@@ -20,7 +20,9 @@ from bone_r.modes import normalize_operating_points
 DEFAULT_IMGSZ = 640
 CLASSES = ["fracture"]
 # What an evaluation adds to a card; a trainer rewriting its card keeps them (`write_card(keep_results=True)`).
-RESULT_KEYS = ("thresholds", "metrics", "evaluation", "validation", "test", "box_rule", "box_rule_chosen_on")
+RESULT_KEYS = ("thresholds", "metrics", "evaluation", "validation", "test", "box_rule", "box_rule_chosen_on", "tta")
+# Test-time augmentation a card may ask for: "hflip" = the image and its left-right mirror, boxes fused (`bone_r.fusion`).
+TTA_MODES = ("none", "hflip")
 
 
 def card_path_for(weights: str | Path) -> Path:
@@ -42,6 +44,7 @@ class ModelCard:
     imgsz: int | None = None
     contract: Contract | None = None
     box_rule: BoxRule | None = None
+    tta: str | None = None  # one of TTA_MODES; None: the card does not say (no augmentation)
     thresholds: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] | None = None  # the test metrics `update_model_card` stores
     extra: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +61,9 @@ class ModelCard:
             imgsz = data.pop("imgsz", None)
             contract = data.pop("contract", None)
             box_rule = data.pop("box_rule", None)
+            tta = data.pop("tta", None)
+            if tta is not None and tta not in TTA_MODES:
+                raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
             thresholds = data.pop("thresholds", None) or {}
             metrics = data.pop("metrics", None)
             if not isinstance(thresholds, dict):
@@ -65,7 +71,7 @@ class ModelCard:
             return cls(name=None if data.get("name") is None else str(data.pop("name")), backend=data.pop("backend", None),
                        architecture=data.pop("architecture", None), classes=[str(c) for c in classes],
                        imgsz=None if imgsz is None else int(imgsz), contract=Contract.from_dict(contract) if contract else None,
-                       box_rule=None if box_rule is None else BoxRule.from_dict(box_rule), thresholds=thresholds,
+                       box_rule=None if box_rule is None else BoxRule.from_dict(box_rule), tta=tta, thresholds=thresholds,
                        metrics=metrics, extra=data)
         except (TypeError, ValueError) as err:
             raise ValueError(f"{where}: {err}") from None
@@ -81,6 +87,8 @@ class ModelCard:
             out["thresholds"] = self.thresholds
         if self.box_rule is not None:
             out["box_rule"] = self.box_rule.to_dict()
+        if self.tta is not None:
+            out["tta"] = self.tta
         if self.metrics is not None:
             out["metrics"] = self.metrics
         if disclaimer is not None:
@@ -115,13 +123,15 @@ class Resolved:
     imgsz: int | None
     contract: Contract
     box_rule: BoxRule
+    tta: str  # one of TTA_MODES
     sources: dict[str, str]
 
 
 def resolve(card: ModelCard | None, *, imgsz: int | None = None, contract: Contract | None = None,
-            box_rule: BoxRule | None = None) -> Resolved:
+            box_rule: BoxRule | None = None, tta: str | None = None) -> Resolved:
     """The one resolver of a model's settings (like timm's ``resolve_data_config``): explicit arguments, then the
-    card, then the defaults (`Contract()`, no box rule; for `imgsz`, the weights' own size, then `DEFAULT_IMGSZ`)."""
+    card, then the defaults (`Contract()`, no box rule, no test-time augmentation; for `imgsz`, the weights' own size,
+    then `DEFAULT_IMGSZ`)."""
     sources: dict[str, str] = {}
 
     def first(name: str, *options: tuple[str, Any]) -> Any:
@@ -132,11 +142,14 @@ def resolve(card: ModelCard | None, *, imgsz: int | None = None, contract: Contr
         raise AssertionError(name)
 
     card = card or ModelCard()
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
     size = first("imgsz", ("explicit", imgsz), ("model_card", card.imgsz), ("weights", None))
     return Resolved(
         imgsz=None if size is None else int(size),
         contract=first("contract", ("explicit", contract), ("model_card", card.contract), ("default", Contract())),
         box_rule=first("box_rule", ("explicit", box_rule), ("model_card", card.box_rule), ("default", BoxRule())),
+        tta=first("tta", ("explicit", tta), ("model_card", card.tta), ("default", "none")),
         sources=sources,
     )
 
@@ -171,8 +184,9 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_report: dict[str, Any],
-                      box_rule: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Write the val-chosen `thresholds` and the test `metrics` into the card, keeping every other key.
+                      box_rule: dict[str, Any] | None = None, tta: str | None = None) -> dict[str, Any]:
+    """Write the val-chosen `thresholds` and the test `metrics` into the card, keeping every other key; `tta`, when
+    given, is the test-time augmentation both were measured with (it goes into the card with them).
 
     `val_report` is a report (its `operating_points` are used) or the operating points
     themselves. The card is replaced atomically; a missing card is created.
@@ -198,6 +212,8 @@ def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_re
     if box_rule is not None and box_rule.get("source") != "model_card":  # chosen now, or explicitly none
         card.box_rule = BoxRule.from_dict(box_rule["rule"])
         card.extra["box_rule_chosen_on"] = box_rule["source"]
+    if tta is not None:
+        card.tta = tta
     metrics = card_metrics(test_report)
     if test_report.get("settings", {}).get("val_split"):
         metrics["val_split"] = test_report["settings"]["val_split"]

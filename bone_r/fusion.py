@@ -88,6 +88,28 @@ def weighted_boxes_fusion(per_model: Sequence[Sequence[Detection]], weights: Seq
     return fused
 
 
+class MirrorTTA:
+    """Test-time augmentation: `detector` run on the image and on its left-right mirror, the mirror's boxes mapped
+    back and the two views fused by `weighted_boxes_fusion` (a finding both views see keeps its mean score; one only
+    one view sees, half of it). Twice the model time. Other attributes are the wrapped detector's."""
+
+    def __init__(self, detector: Any, iou_thr: float = DEFAULT_IOU_THR):
+        self.detector, self.iou_thr = detector, iou_thr
+
+    def __getattr__(self, name: str) -> Any:  # name, imgsz, backend, model ... of the detector itself
+        if name == "detector":  # not set yet (copy, pickle): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.detector, name)
+
+    def predict(self, rgb: np.ndarray, conf: float) -> list[Detection]:
+        width = rgb.shape[1]
+        direct = self.detector.predict(rgb, conf)
+        mirrored = [Detection((width - d.xyxy[2], d.xyxy[1], width - d.xyxy[0], d.xyxy[3]), d.score, d.label, d.model)
+                    for d in self.detector.predict(np.ascontiguousarray(rgb[:, ::-1]), conf)]
+        return weighted_boxes_fusion([direct, mirrored], iou_thr=self.iou_thr,
+                                     model_name=getattr(self.detector, "name", "detector"))
+
+
 def fused_score(det_score: float, p_abnormal: float, alpha: float) -> float:
     """det_score * (alpha + (1 - alpha) * p_abnormal): alpha 1 ignores the classifier, 0 multiplies by it."""
     if not 0.0 <= alpha <= 1.0:

@@ -800,6 +800,28 @@ def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path,
     assert rc == 2 and "Traceback" not in err
 
 
+def test_cli_measures_mirror_tta_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
+    from bone_r.fusion import MirrorTTA
+
+    root, phantoms = tree
+    weights = write_oracle(tmp_path / "m", root, phantoms, Contract(), {"backend": "oracle"})
+    out = tmp_path / "r.json"
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--tta", "hflip", "--write-card"], capsys)
+    assert rc == 0, err
+    assert json.loads(out.read_text())["model"]["tta"] == "hflip"
+    card = json.loads((tmp_path / "m" / "oracle.json").read_text())
+    # the oracle knows the images, not their mirrors: each box is seen by one view only and keeps half its score,
+    # so the thresholds chosen on val are half those without augmentation (0.4 / 0.6 / 0.6)
+    assert card["tta"] == "hflip"
+    assert {m: t["threshold"] for m, t in card["thresholds"].items()} == {"screening": 0.2, "balanced": 0.3, "specific": 0.3}
+    predictor = inference.Predictor(weights)  # the card's users predict the same way
+    assert isinstance(predictor.detector, MirrorTTA) and predictor.settings.sources["tta"] == "model_card"
+    assert not isinstance(inference.Predictor(weights, tta="none").detector, MirrorTTA)
+    rc, _, err = run_cli(["--predictions", out, "--data", root / "dataset.yaml", "--tta", "hflip"], capsys)
+    assert rc == 2 and "--tta needs --weights" in err
+
+
 # --------------------------------------------------------------------------- intervals at small n
 
 

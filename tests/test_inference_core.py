@@ -329,3 +329,27 @@ def test_predictor_applies_the_cards_box_rule(tmp_path):
     card = json.loads((tmp_path / "m" / "fake.json").read_text())
     (tmp_path / "m" / "fake.json").write_text(json.dumps(card | {"box_rule": {"nms_iou": 0.5, "contained": 0.8}}))
     assert [d.score for d in inference.Predictor(weights).predict(image, conf=0.5).detections] == [0.9, 0.6]
+
+
+def test_predictor_applies_the_cards_mirror_tta(tmp_path):
+    """tta "hflip": the model also sees the mirrored image; a finding both views see keeps its box and score, one
+    that only one view sees (the fake answers by position, not content) comes back from each side at half score."""
+    weights = write_fake_model(tmp_path / "m", [[0.5, 0.5, 0.2, 0.1, 0.9], [0.2, 0.3, 0.1, 0.1, 0.6]])
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), make_phantom(120, 100, seed=0, bits=8).pixels)
+    plain = inference.Predictor(weights).predict(image, conf=0.01).detections
+    assert [d.score for d in plain] == [0.9, 0.6]
+    card = json.loads((tmp_path / "m" / "fake.json").read_text())
+    (tmp_path / "m" / "fake.json").write_text(json.dumps(card | {"tta": "hflip"}))
+    predictor = inference.Predictor(weights)
+    assert predictor.settings.tta == "hflip" and predictor.name == "fake"
+    got = predictor.predict(image, conf=0.01).detections
+    assert len(predictor.detector.seen_shapes) == 2  # two views, one image
+    assert [round(d.score, 6) for d in got] == [0.9, 0.3, 0.3]
+    np.testing.assert_allclose(got[0].xyxy, plain[0].xyxy, atol=1e-6)
+    x1, y1, x2, y2 = plain[1].xyxy
+    np.testing.assert_allclose(sorted(d.xyxy for d in got[1:]), [(x1, y1, x2, y2), (100 - x2, y1, 100 - x1, y2)], atol=1e-6)
+    assert len(inference.Predictor(weights, tta="none").predict(image, conf=0.01).detections) == 2  # explicit wins
+    (tmp_path / "m" / "fake.json").write_text(json.dumps(card | {"tta": "vflip"}))
+    with pytest.raises(ValueError, match="tta must be one of none, hflip"):
+        inference.Predictor(weights)
