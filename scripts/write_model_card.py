@@ -163,7 +163,9 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
             rule = card.get("box_rule")
             out += [f"Boxes a reader sees per flagged image (balanced mode): median {num(b.get('median'), 1)}, 90th percentile "
                     f"{num(b.get('p90'), 1)}, max {b.get('max')}; box rule "
-                    f"{json.dumps(rule) + ' (chosen on ' + str(card.get('box_rule_chosen_on')) + ')' if rule else 'none'}.", ""]
+                    f"{json.dumps(rule) + ' (chosen on ' + str(card.get('box_rule_chosen_on')) + ')' if rule else 'none'}; "
+                    f"test-time augmentation: " + ("hflip (the radiograph and its mirror image, boxes fused: twice the "
+                                                    "model time)" if card.get("tta") == "hflip" else "none") + ".", ""]
         out += ["### By source, every image (balanced mode)", "", breakdown(metrics.get("by_source") or {}), "",
                 "### By region, every image (balanced mode)", "", breakdown(metrics.get("by_region") or {}), ""]
         out += size_section(metrics.get("by_fracture_size"))

@@ -32,24 +32,26 @@ from bone_r.modes import MODES, REGISTRY, choose_operating_points, resolve_thres
 
 
 def test_resolver_order_is_explicit_then_card_then_defaults():
-    card = ModelCard(imgsz=512, contract=Contract(max_side=800), box_rule=BoxRule(max_boxes=3))
-    explicit = resolve(card, imgsz=320, contract=Contract(max_side=600), box_rule=BoxRule(nms_iou=0.5))
-    assert (explicit.imgsz, explicit.contract.max_side, explicit.box_rule) == (320, 600, BoxRule(nms_iou=0.5))
-    assert explicit.sources == {"imgsz": "explicit", "contract": "explicit", "box_rule": "explicit"}
+    card = ModelCard(imgsz=512, contract=Contract(max_side=800), box_rule=BoxRule(max_boxes=3), tta="hflip")
+    explicit = resolve(card, imgsz=320, contract=Contract(max_side=600), box_rule=BoxRule(nms_iou=0.5), tta="none")
+    assert (explicit.imgsz, explicit.contract.max_side, explicit.box_rule, explicit.tta) == (320, 600, BoxRule(nms_iou=0.5), "none")
+    assert explicit.sources == {"imgsz": "explicit", "contract": "explicit", "box_rule": "explicit", "tta": "explicit"}
     from_card = resolve(card)
-    assert (from_card.imgsz, from_card.contract.max_side, from_card.box_rule) == (512, 800, BoxRule(max_boxes=3))
-    assert from_card.sources == {"imgsz": "model_card", "contract": "model_card", "box_rule": "model_card"}
+    assert (from_card.imgsz, from_card.contract.max_side, from_card.box_rule, from_card.tta) == (512, 800, BoxRule(max_boxes=3), "hflip")
+    assert from_card.sources == {"imgsz": "model_card", "contract": "model_card", "box_rule": "model_card", "tta": "model_card"}
     defaults = resolve(None)
-    assert (defaults.imgsz, defaults.contract, defaults.box_rule) == (None, Contract(), BoxRule())
-    assert defaults.sources == {"imgsz": "weights", "contract": "default", "box_rule": "default"}  # the backend reads its file
+    assert (defaults.imgsz, defaults.contract, defaults.box_rule, defaults.tta) == (None, Contract(), BoxRule(), "none")
+    assert defaults.sources == {"imgsz": "weights", "contract": "default", "box_rule": "default", "tta": "default"}  # the backend reads its file
     assert resolve(ModelCard(imgsz=512), imgsz=None).imgsz == 512  # None is "not given", never a value
+    with pytest.raises(ValueError, match="tta must be one of none, hflip"):
+        resolve(card, tta="rot90")
 
 
 def test_card_round_trip_keeps_unknown_keys_and_checks_known_ones(tmp_path):
     data = {"name": "m", "backend": "onnx", "architecture": "x", "classes": ["fracture"], "imgsz": 512,
             "contract": Contract(max_side=900).to_dict(), "started_from": "scratch", "training": {"epochs": 3},
             "thresholds": {"balanced": {"threshold": 0.3}}, "box_rule": {"nms_iou": None, "contained": None, "max_boxes": 2},
-            "metrics": {"split": "test"}, "disclaimer": "d"}
+            "tta": "hflip", "metrics": {"split": "test"}, "disclaimer": "d"}
     card = ModelCard.from_dict(data)
     assert card.contract == Contract(max_side=900) and card.box_rule == BoxRule(max_boxes=2) and card.extra["training"] == {"epochs": 3}
     assert card.to_dict() == data and list(card.to_dict())[-1] == "disclaimer"

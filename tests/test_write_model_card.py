@@ -15,10 +15,12 @@ def _card():
         "contract": {"clahe_clip": 2.0}, "started_from": "scratch: yolov8n.yaml",
         "training": {"command": "python train.py --epochs 3", "epochs": 3, "wall_time_s": 100.0, "seconds_per_epoch": 33.3},
         "dataset": {"yaml": "data/merged/dataset.yaml", "splits_sha256": "abc123"},
+        "box_rule": {"nms_iou": None, "contained": None, "max_boxes": 3}, "box_rule_chosen_on": "val", "tta": "hflip",
         "thresholds": {"screening": {"threshold": 0.05, "target": 0.95, "val_sensitivity": 0.96, "val_specificity": 0.4},
                        "balanced": {"threshold": 0.25}, "specific": {"threshold": 0.6}},
         "metrics": {"split": "test", "n_images": 60, "n_positive": 10, "box": {"map50": 0.4321, "map50_95": 0.1234, "n_gt_boxes": 12},
-                    "image_level": {"balanced": level}, "bootstrap": {"n_boot": 2000, "resampled": "groups"},
+                    "image_level": {"balanced": level}, "boxes_per_flagged_image": {"balanced": {"median": 1, "p90": 2, "max": 3}},
+                    "bootstrap": {"n_boot": 2000, "resampled": "groups"},
                     "by_source": {"fracatlas": part}, "by_region": {"hand": part},
                     "by_fracture_size": {"threshold": 0.25, "iou": 0.3, "area": "largest true box / image area", "by_source": {
                         "fracatlas": [{"n": 4, "area_min": 0.0008, "area_max": 0.003, "flagged": ci(0.5, 0.15, 0.85),
@@ -37,6 +39,7 @@ def test_renders_the_cards_numbers(tmp_path):
     assert "| fracatlas | 60 | 10 | 0.432 | 0.123 |" in text and "| hand | 60 |" in text
     assert "| fracatlas | 1 | 0.08–0.30% | 4 | 0.500 [0.150–0.850] | 0.250 [0.050–0.700] |" in text
     assert "not a diagnosis" in text and "What it cannot do" in text
+    assert "90th percentile 2, max 3; box rule" in text and "(chosen on val); test-time augmentation: hflip" in text
 
 
 def test_rejects_what_is_not_a_card(tmp_path, capsys):
