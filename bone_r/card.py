@@ -25,6 +25,12 @@ RESULT_KEYS = ("thresholds", "metrics", "evaluation", "validation", "test", "box
 TTA_MODES = ("none", "hflip")
 
 
+def _checked_tta(tta: str | None) -> str | None:
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    return tta
+
+
 def card_path_for(weights: str | Path) -> Path:
     """The model card that belongs to a weights file: same folder and stem, `.json`."""
     weights = Path(weights)
@@ -61,9 +67,7 @@ class ModelCard:
             imgsz = data.pop("imgsz", None)
             contract = data.pop("contract", None)
             box_rule = data.pop("box_rule", None)
-            tta = data.pop("tta", None)
-            if tta is not None and tta not in TTA_MODES:
-                raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+            tta = _checked_tta(data.pop("tta", None))
             thresholds = data.pop("thresholds", None) or {}
             metrics = data.pop("metrics", None)
             if not isinstance(thresholds, dict):
@@ -142,8 +146,7 @@ def resolve(card: ModelCard | None, *, imgsz: int | None = None, contract: Contr
         raise AssertionError(name)
 
     card = card or ModelCard()
-    if tta is not None and tta not in TTA_MODES:
-        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {tta!r}")
+    tta = _checked_tta(tta)
     size = first("imgsz", ("explicit", imgsz), ("model_card", card.imgsz), ("weights", None))
     return Resolved(
         imgsz=None if size is None else int(size),

@@ -15,7 +15,7 @@ from bone_r.contract import Contract, harmonize
 from bone_r.dataset import DataError, load_ground_truth
 from bone_r.detection import Detection, ImagePrediction, RecordIndex, match_predictions
 from bone_r.image import ImageDecodeError, load_image
-from bone_r.metrics import box_metrics, evaluate_predictions, image_scores, roc_auc, run_evaluation
+from bone_r.metrics import DEFAULT_MIN_SCORE, box_metrics, evaluate_predictions, image_scores, roc_auc, run_evaluation
 from bone_r.modes import choose_operating_points
 from bone_r.report import num, with_ci
 from bone_r.runs import read_json
@@ -102,12 +102,16 @@ class MirrorTTA:
         return getattr(self.detector, name)
 
     def predict(self, rgb: np.ndarray, conf: float) -> list[Detection]:
+        # Each view down to the evaluation's floor, whatever `conf`: a box under `conf` in one view still adds to its
+        # fused score, so filtering the views first would give other scores than those the thresholds were chosen on.
+        floor = min(conf, DEFAULT_MIN_SCORE)
         width = rgb.shape[1]
-        direct = self.detector.predict(rgb, conf)
+        direct = self.detector.predict(rgb, floor)
         mirrored = [Detection((width - d.xyxy[2], d.xyxy[1], width - d.xyxy[0], d.xyxy[3]), d.score, d.label, d.model)
-                    for d in self.detector.predict(np.ascontiguousarray(rgb[:, ::-1]), conf)]
-        return weighted_boxes_fusion([direct, mirrored], iou_thr=self.iou_thr,
-                                     model_name=getattr(self.detector, "name", "detector"))
+                    for d in self.detector.predict(np.ascontiguousarray(rgb[:, ::-1]), floor)]
+        fused = weighted_boxes_fusion([direct, mirrored], iou_thr=self.iou_thr,
+                                      model_name=getattr(self.detector, "name", "detector"))
+        return [d for d in fused if d.score >= conf]
 
 
 def fused_score(det_score: float, p_abnormal: float, alpha: float) -> float:

@@ -353,3 +353,26 @@ def test_predictor_applies_the_cards_mirror_tta(tmp_path):
     (tmp_path / "m" / "fake.json").write_text(json.dumps(card | {"tta": "vflip"}))
     with pytest.raises(ValueError, match="tta must be one of none, hflip"):
         inference.Predictor(weights)
+
+
+def test_mirror_tta_scores_do_not_depend_on_the_threshold_asked_for(tmp_path):
+    """A finding scored 0.8 in one view and 0.3 in the other fuses to 0.55 whether the caller asks for boxes above
+    0.001 (evaluation, where thresholds are chosen) or above 0.5 (prediction at that threshold): the views are never
+    cut at the caller's threshold before they are fused."""
+
+    class TwoViews:
+        name = "two-views"
+
+        def predict(self, rgb, conf):
+            w = rgb.shape[1]
+            score = 0.8 if rgb[0, 0, 0] < rgb[0, -1, 0] else 0.3  # the image is darker on the left, its mirror right
+            box = Detection((0.4 * w, 10, 0.6 * w, 30), score, "fracture", self.name)
+            return [box] if score >= conf else []
+
+    rgb = np.zeros((60, 100, 3), np.uint8)
+    rgb[:, 50:] = 200
+    predictor = inference.Predictor(detector=TwoViews(), card={"tta": "hflip"})
+    low = predictor.detector.predict(rgb, 0.001)
+    high = predictor.detector.predict(rgb, 0.5)
+    assert [round(d.score, 6) for d in low] == [round(d.score, 6) for d in high] == [0.55]
+    assert predictor.detector.predict(rgb, 0.6) == []
