@@ -92,6 +92,12 @@ def _e2e_ms(record: dict[str, Any]) -> float | None:
 # --------------------------------------------------------------------------- accuracy
 
 
+def backend_label(predictor: Any) -> str:
+    """The detector's name, marked when its card has it predict each image mirrored too (twice the model time)."""
+    mirrored = getattr(getattr(predictor, "settings", None), "tta", "none") == "hflip"
+    return f"{predictor.name} + mirror" if mirrored else str(predictor.name)
+
+
 def benchmark_row(spec: ModelSpec, predictor: Any, summary: dict[str, Any], thresholds_source: str,
                   ms_per_image: dict[str, Any], n_errors: int = 0) -> dict[str, Any]:
     """One benchmark.json row from an evaluation summary: an evaluate.py report, or the `metrics` of a model card
@@ -100,7 +106,7 @@ def benchmark_row(spec: ModelSpec, predictor: Any, summary: dict[str, Any], thre
     return {
         "name": spec.name,
         "weights": display_path(spec.weights),
-        "backend": predictor.name,
+        "backend": backend_label(predictor),
         "map50": summary["box"]["map50"],
         "map50_95": summary["box"]["map50_95"],
         "roc_auc": (summary.get("image_auc") or {}).get("roc_auc"),
@@ -287,7 +293,7 @@ def speed(specs: list[ModelSpec], images: list[Path], *, warmup: int = 2, repeat
     baseline = None
     for spec in tqdm(specs, desc="speed", unit="model"):
         predictor = (predictors or {}).get(spec.name) or build_predictor(spec, device)
-        row: dict[str, Any] = {"name": spec.name, "weights": display_path(spec.weights), "backend": predictor.name}
+        row: dict[str, Any] = {"name": spec.name, "weights": display_path(spec.weights), "backend": backend_label(predictor)}
         row |= {"stages_ms": time_pipeline(predictor, images, warmup, repeats)}
         if plain_ultralytics and spec.weights.suffix == ".pt" and str(predictor.name).startswith("yolo"):
             conf, _ = resolve_threshold("balanced", predictor.card)

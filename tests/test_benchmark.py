@@ -116,9 +116,12 @@ def test_benchmark_accuracy_two_models(tmp_path, capsys, oracle_backend):
 
 def test_speed_mode_with_fake_backend(tmp_path, capsys):
     fake = write_fake_model(tmp_path / "f", [[0.5, 0.5, 0.2, 0.2, 0.9]])
+    mirrored = write_fake_model(tmp_path / "g", [[0.5, 0.5, 0.2, 0.2, 0.9]])
+    card = mirrored.with_name("fake.json")
+    card.write_text(json.dumps(json.loads(card.read_text()) | {"tta": "hflip"}))
     out = tmp_path / "speed.json"
-    rc = bm.main(["--speed", "--models", f"f={fake}:fake", "--n", "2", "--size", "64x80", "--warmup", "1", "--threads", "1",
-                  "--json", str(out)])
+    rc = bm.main(["--speed", "--models", f"f={fake}:fake", f"g={mirrored}:fake", "--n", "2", "--size", "64x80", "--warmup",
+                  "1", "--threads", "1", "--json", str(out)])
     stdout = capsys.readouterr().out
     assert rc == 0
     payload = json.loads(out.read_text())
@@ -127,6 +130,7 @@ def test_speed_mode_with_fake_backend(tmp_path, capsys):
     for stage in ("decode", "harmonize", "model", "post", "end_to_end"):
         assert set(row["stages_ms"][stage]) == {"median", "p90"} and row["stages_ms"][stage]["median"] >= 0
     assert row["stages_ms"]["n"] == 2 and "plain_ultralytics_ms" not in row and payload["baseline"] is None
+    assert [r["backend"] for r in payload["models"]] == ["fake", "fake + mirror"]  # the card's tta, named
     assert "end-to-end" in stdout
 
 
