@@ -638,7 +638,9 @@
     const data = payload.data || {};
     note.replaceChildren(document.createTextNode(
       payload.images.length + " real radiographs from the " + str(data.split, "test") + " split (never used for training or for " +
-      "choosing thresholds), with the boxes of the bundled model " + str(model.name) + " down to its screening threshold " +
+      "choosing thresholds), with the boxes of the bundled model " + str(model.name) +
+      (model.tta === "hflip" ? " (each radiograph predicted as it is and mirrored, the two views' boxes fused)" : "") +
+      " down to its screening threshold " +
       num(payload.min_score, 3) + " and the ground truth. Generated " + str(payload.generated) + " by " +
       str(payload.generator) + "; cases chosen by a seeded rule, not hand-picked: "));
     const details = el("details", null, { id: "selection-rule" });

@@ -422,6 +422,7 @@ def _run(args: argparse.Namespace) -> int:
             "weights": display_path(weights) if weights else "injected",
             "sha256": sha256_file(weights) if weights and weights.is_file() else None,
             "card_sha256": sha256_file(card) if weights and (card := card_path_for(weights)).is_file() else None,
+            "tta": predictor.settings.tta,
             "color": "#{:02x}{:02x}{:02x}".format(*PALETTE[0]),
         },
         "modes": {mode: {"threshold": round(t, 6), "source": predictor.threshold(mode)[1]} for mode, t in thresholds.items()},

@@ -342,6 +342,8 @@ def test_viewer_shows_the_real_cases_and_mode_changes_what_is_drawn(browser, rea
         assert page.evaluate("window.BoneR.state.image.naturalWidth") == images[0]["display_width"]
         assert "synthetic" not in page.text_content("#viewer-note").lower()
         assert "seeded" in page.text_content("#viewer-note")
+        # the bundle predicts with its mirror (its card's tta): the page says so
+        assert payload["model"]["tta"] == "hflip" and "predicted as it is and mirrored" in page.text_content("#viewer-note")
         # balanced is the starting mode; the three modes are offered with the card's thresholds
         assert page.is_checked("#mode-balanced") and page.locator("#mode-picker input").count() == 3
         # every case, every mode: what is drawn is what cases.json decided
