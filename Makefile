@@ -38,7 +38,12 @@ $(STAMP): requirements.txt pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(STAMP)
+setup: $(STAMP) weights/bone-r-default.pth
+
+# The bundle's PyTorch weights (float16, for `--init` and fine-tuning) are recovered from its ONNX rather than stored
+# in git a second time: the same tensors exactly (tests/test_train_torchvision.py), half the git growth per bundle.
+weights/bone-r-default.pth: weights/bone-r-default.onnx weights/bone-r-default.json | $(STAMP)
+	$(BIN)/python scripts/onnx_to_pth.py --onnx weights/bone-r-default.onnx --out $@ --fp16
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -2,6 +2,8 @@
 
     python scripts/onnx_to_pth.py --onnx weights/bone-r-default.onnx --out weights/bone-r-default.pth [--fp16]
 
+(`make setup` runs it with `--fp16` for the bundle: its .pth is made here, not stored in git.)
+
 `scripts/export_onnx.py` keeps every trainable tensor under its state-dict name
 (``model.<key>``), but ONNX export folds each FrozenBatchNorm2d into one Mul and
 one Add constant after its convolution (scale = w / sqrt(var + eps), shift =

@@ -404,11 +404,13 @@ def test_init_starts_from_a_float16_checkpoint_and_refuses_another_arch(tmp_path
 
 
 def test_bundled_pytorch_weights_are_the_onnx_models_weights(tmp_path):
-    """weights/bone-r-default.pth is scripts/onnx_to_pth.py's recovery of the bundled ONNX, stored as float16."""
+    """weights/bone-r-default.pth is scripts/onnx_to_pth.py's recovery of the bundled ONNX, stored as float16: not in
+    git, `make setup` makes it (the Makefile rule), and it is what fine-tuning starts from."""
     from models import infer_backend
     from scripts.onnx_to_pth import recover_state
 
     bundled = Path(__file__).resolve().parents[1] / "weights"
+    assert (bundled / "bone-r-default.pth").is_file(), "weights/bone-r-default.pth is missing: `make setup` makes it"
     card = json.loads((bundled / "bone-r-default.json").read_text())
     shipped = torch.load(bundled / "bone-r-default.pth", map_location="cpu", weights_only=True)
     recovered = recover_state(bundled / "bone-r-default.onnx", card["model_config"])
