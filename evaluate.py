@@ -231,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads is not None:
         set_threads(args.threads)  # before the model loads
+    tta = None if args.tta == "card" else args.tta  # None: the card says
     name = (args.weights or args.predictions).stem
     out = args.out or Path("runs") / "evaluate" / f"{name}_{args.split}.json"
     try:
@@ -240,8 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         bases: list[Path] = []
         if args.weights:
             try:
-                predictor = inference.Predictor(args.weights, args.backend, args.device,
-                                                tta=None if args.tta == "card" else args.tta)
+                predictor = inference.Predictor(args.weights, args.backend, args.device, tta=tta)
             except (FileNotFoundError, ValueError) as err:
                 raise DataError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
             card_thresholds = predictor.card.thresholds if predictor.card else None
             # the card's thresholds hold for the card's box rule and augmentation only
             if thresholds is None and card_thresholds and not (args.write_card or args.choose_on_val
-                                                               or args.box_rule == "choose" or args.tta != "card"):
+                                                               or args.box_rule == "choose" or tta is not None):
                 thresholds, source = card_thresholds, "model_card"
             predictions: Any = predictor
         else:
@@ -287,8 +287,7 @@ def main(argv: list[str] | None = None) -> int:
         plots = save_plots(report, args.plots or out.parent, out.stem)
     if args.write_card:
         card_path = card_path_for(args.weights)
-        update_model_card(card_path, report, report, box_rule=report.get("box_rule"),
-                          tta=None if args.tta == "card" else args.tta)
+        update_model_card(card_path, report, report, box_rule=report.get("box_rule"), tta=tta)
         print(f"model card updated: {card_path} (thresholds chosen on '{args.val_split}', metrics on '{args.split}')")
     print(f"report: {out}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
     print(DISCLAIMER)

@@ -130,6 +130,20 @@ def native_same_padding(module: nn.Module) -> nn.Module:
     return module
 
 
+def frozen_norm_scale_shift(weight: torch.Tensor, bias: torch.Tensor, running_mean: torch.Tensor,
+                            running_var: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a frozen norm computes, x * scale + shift, from its four stored tensors."""
+    scale = weight * (running_var + eps).rsqrt()
+    return scale, bias - running_mean * scale
+
+
+def frozen_norm_as_scale_shift(scale: torch.Tensor, shift: torch.Tensor, eps: float) -> dict[str, torch.Tensor]:
+    """The four tensors of a frozen norm that computes x * scale + shift (mean 0, var 1 - eps): the form
+    `scripts/onnx_to_pth.py` recovers from an export, where each norm is folded into a Mul and an Add."""
+    return {"weight": scale, "bias": shift, "running_mean": torch.zeros_like(scale),
+            "running_var": torch.full_like(scale, 1.0 - eps)}
+
+
 class NormFoldedConv2d(nn.Conv2d):
     """A convolution that applies the FrozenBatchNorm2d after it to its weights (w * scale, bias shift) instead of
     to its output: the same function and the same gradients for w, without two extra passes over the activations
@@ -140,8 +154,7 @@ class NormFoldedConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.folded_norm
-        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()
-        shift = norm.bias - norm.running_mean * scale
+        scale, shift = frozen_norm_scale_shift(norm.weight, norm.bias, norm.running_mean, norm.running_var, norm.eps)
         if isinstance(getattr(self, "static_padding", None), nn.Module):  # the package's stride-2 "same" padding
             x = self.static_padding(x)
         return nn.functional.conv2d(x, self.weight * scale.reshape(-1, 1, 1, 1), shift if self.bias is None else

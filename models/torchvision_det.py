@@ -23,7 +23,14 @@ from torch import nn
 
 from bone_r.contract import fit_long_side, scale_boxes
 from bone_r.detection import Detection
-from models.backbones import EFFNET_BACKBONES, IMAGENET_MEAN, IMAGENET_STD, build_backbone
+from models.backbones import (
+    EFFNET_BACKBONES,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    build_backbone,
+    frozen_norm_as_scale_shift,
+    frozen_norm_scale_shift,
+)
 
 ARCHS = ("fasterrcnn", "retinanet", "fcos")
 CHECKPOINT_FORMAT = "bone-r-torchvision-1"  # the "format" of every checkpoint written here or by the trainer
@@ -189,19 +196,13 @@ def average_states(states: list[dict[str, torch.Tensor]], config: dict[str, Any]
                                  f"checkpoint 1 {tuple(states[0][k].shape)}")
     norms = {f"{name}.": module.eps for name, module in build_model(config, pretrained_backbone=False).named_modules()
              if isinstance(module, FrozenBatchNorm2d)}
-
-    def as_scale_shift(state: dict[str, torch.Tensor], prefix: str, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        w, b, mean, var = (state[prefix + n].float() for n in ("weight", "bias", "running_mean", "running_var"))
-        scale = w * (var + eps).rsqrt()
-        return scale, b - mean * scale
-
+    leaves = ("weight", "bias", "running_mean", "running_var")
     out: dict[str, torch.Tensor] = {}
     for prefix, eps in norms.items():
-        pairs = [as_scale_shift(state, prefix, eps) for state in states]
-        out[prefix + "weight"] = sum(w * s for w, (s, _) in zip(weights, pairs))
-        out[prefix + "bias"] = sum(w * t for w, (_, t) in zip(weights, pairs))
-        out[prefix + "running_mean"] = torch.zeros_like(out[prefix + "weight"])
-        out[prefix + "running_var"] = torch.full_like(out[prefix + "weight"], 1.0 - eps)
+        pairs = [frozen_norm_scale_shift(*(state[prefix + n].float() for n in leaves), eps) for state in states]
+        scale = sum(w * s for w, (s, _) in zip(weights, pairs))
+        shift = sum(w * t for w, (_, t) in zip(weights, pairs))
+        out |= {prefix + n: t for n, t in frozen_norm_as_scale_shift(scale, shift, eps).items()}
     for k in keys:
         if k in out:
             continue

@@ -39,31 +39,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.out.resolve() in {c.resolve() for c in args.checkpoints}:
         print(f"error: --out {args.out} is one of the inputs (an input file is never changed)", file=sys.stderr)
         return 2
+    weights = args.weights or [1.0 / len(args.checkpoints)] * len(args.checkpoints)
+    first = card_path_for(args.checkpoints[0])
     try:
+        old = ModelCard.load(first) if first.is_file() else ModelCard()
+        if old.contract is None:
+            raise ValueError(f"{first} (the first checkpoint's card) is missing or names no image contract")
         ckpts = [load_checkpoint(c) for c in args.checkpoints]
         config = ckpts[0]["config"]
         for path, ckpt in zip(args.checkpoints[1:], ckpts[1:]):
             other = {k: v for k, v in ckpt["config"].items() if k != "imgsz"}
             if other != {k: v for k, v in config.items() if k != "imgsz"}:
                 raise ValueError(f"{path} is another network than {args.checkpoints[0]} (their configs differ)")
-        state = average_states([c["model"] for c in ckpts], config, args.weights)
+        state = average_states([c["model"] for c in ckpts], config, weights)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
-    weights = args.weights or [1.0 / len(ckpts)] * len(ckpts)
     sources = [{"checkpoint": display_path(path), "sha256": sha256_file(path)[:12], "weight": round(w, 6),
                 "epoch": ckpt.get("epoch"), "val_map50": ckpt.get("val_map50")}
                for path, ckpt, w in zip(args.checkpoints, ckpts, weights)]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.out, {"format": CHECKPOINT_FORMAT, "model": state, "config": config, "epoch": None,
                                "averaged_from": sources})
-    first = card_path_for(args.checkpoints[0])
-    old = ModelCard.load(first) if first.is_file() else ModelCard()
-    if old.contract is None:
-        print(f"error: {first} (the first checkpoint's card) is missing or names no image contract", file=sys.stderr)
-        args.out.unlink()
-        return 2
     started = "the weighted average of " + ", ".join(f"{s['checkpoint']} (sha256 {s['sha256']}, weight "
                                                      f"{s['weight']:g})" for s in sources)
     card = base_card(name=args.out.parent.parent.name if args.out.parent.name == "weights" else args.out.stem,

@@ -88,7 +88,7 @@ def recover_state(onnx_path: Path, config: dict) -> dict:
     import onnx
     import torch
 
-    from models.backbones import EFFNET_BLOCK_CONV_NORMS, EFFNET_STEM_CONV_NORM
+    from models.backbones import EFFNET_BLOCK_CONV_NORMS, EFFNET_STEM_CONV_NORM, frozen_norm_as_scale_shift
     from models.torchvision_det import build_model
 
     conv_before_norm = {norm: conv for conv, norm in (EFFNET_STEM_CONV_NORM, *EFFNET_BLOCK_CONV_NORMS)}
@@ -109,9 +109,8 @@ def recover_state(onnx_path: Path, config: dict) -> dict:
             if pair is None:
                 missing.append(key)
                 continue
-            scale, shift = pair
-            value = torch.from_numpy({"weight": scale, "bias": shift, "running_mean": np.zeros_like(scale),
-                                      "running_var": np.full_like(scale, 1.0 - eps[prefix])}[leaf].copy())
+            scale, shift = (torch.from_numpy(a.copy()) for a in pair)
+            value = frozen_norm_as_scale_shift(scale, shift, eps[prefix])[leaf]
         else:
             missing.append(key)
             continue

@@ -125,7 +125,9 @@ def test_average_weights_script_writes_a_soup_with_its_card_and_leaves_inputs_al
     torch.save({"format": CHECKPOINT_FORMAT, "model": a, "config": {**config, "box_head_dim": 256}}, other)
     assert main([str(paths[0]), str(other), "--out", str(tmp_path / "y.pth")]) == 2
     assert main([str(paths[0]), str(tmp_path / "missing.pth"), "--out", str(tmp_path / "z.pth")]) == 2
+    assert main([str(other), str(paths[0]), "--out", str(tmp_path / "w.pth")]) == 2  # the first has no card
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 4 and all(line.startswith("error: ") for line in err), err
-    assert "another network" in err[2] and "not found" in err[3]
-    assert [sha256_file(p) for p in paths] == before and not (tmp_path / "y.pth").exists()
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert "another network" in err[2] and "not found" in err[3] and "names no image contract" in err[4]
+    assert [sha256_file(p) for p in paths] == before
+    assert not any((tmp_path / n).exists() for n in ("y.pth", "z.pth", "w.pth"))
