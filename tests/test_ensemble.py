@@ -115,6 +115,50 @@ def test_wbf_scores_stay_in_range_and_boxes_valid():
     assert len(out) <= 60
 
 
+def _wbf_by_the_definition(per_model, weights, iou_thr):
+    """The fusion written the plain way (box by box, cluster by cluster): the oracle for the vectorized one."""
+    def iou(a, b):
+        inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+        return inter / union if union > 0 else 0.0
+
+    boxes = sorted(((d.score * weights[m], m, d) for m, ds in enumerate(per_model) for d in ds), key=lambda b: -b[0])
+    clusters = []  # [label, members, fused box]
+    for ws, m, d in boxes:
+        ious = [iou(c[2], d.xyxy) if c[0] == d.label else -1.0 for c in clusters]
+        if not ious or max(ious) < iou_thr:
+            clusters.append([d.label, [(ws, m, d)], d.xyxy])
+            continue
+        c = clusters[ious.index(max(ious))]
+        c[1].append((ws, m, d))
+        c[2] = tuple(sum(w * b.xyxy[i] for w, _, b in c[1]) / sum(w for w, _, _ in c[1]) for i in range(4))
+    out = []
+    for label, members, box in clusters:
+        share = sum(weights[m] for m in {m for _, m, _ in members}) / sum(weights)
+        out.append((label, sum(w for w, _, _ in members) / sum(weights[m] for _, m, _ in members) * share, box))
+    return sorted(out, key=lambda o: -o[1])
+
+
+def test_wbf_equals_the_plain_definition_on_crowded_images():
+    # up to 3 models x 60 boxes of two labels: each box must join the best-overlapping cluster of its label
+    rng = np.random.default_rng(3)
+    for trial in range(40):
+        n_models = int(rng.integers(1, 4))
+        weights = [float(w) for w in rng.uniform(0.5, 2.0, n_models)]
+        per_model = []
+        for _ in range(n_models):
+            xy = rng.uniform(0, 200, (int(rng.integers(0, 60)), 2))
+            per_model.append([det((x, y, x + rng.uniform(5, 60), y + rng.uniform(5, 60)), float(rng.uniform(0.01, 1)),
+                                  label=str(rng.choice(["a", "b"]))) for x, y in xy])
+        iou_thr = float(rng.choice([0.0, 0.3, 0.55, 0.8]))
+        got = weighted_boxes_fusion(per_model, weights, iou_thr)
+        want = _wbf_by_the_definition(per_model, weights, iou_thr)
+        assert len(got) == len(want), trial
+        for g, (label, score, box) in zip(got, want):
+            assert g.label == label and g.score == pytest.approx(score, abs=1e-9)
+            assert g.xyxy == pytest.approx(box, abs=1e-6)
+
+
 def test_wbf_bad_arguments():
     with pytest.raises(ValueError, match="weights"):
         weighted_boxes_fusion([[], []], weights=[1])
