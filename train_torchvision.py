@@ -179,6 +179,16 @@ def collate(batch):
     return tuple(zip(*batch))
 
 
+def epoch_indices(items: list[Any], negative_fraction: float, seed: int) -> list[int]:
+    """The images one epoch trains on: every image with a box and a seeded `negative_fraction` of those without
+    (a new draw per seed, so successive epochs see different negatives and, over many, all of them)."""
+    if negative_fraction >= 1:
+        return list(range(len(items)))
+    negatives = [i for i, it in enumerate(items) if not len(it.boxes)]
+    drawn = np.random.default_rng(seed).choice(negatives, size=round(negative_fraction * len(negatives)), replace=False)
+    return sorted({i for i, it in enumerate(items) if len(it.boxes)} | {int(i) for i in drawn})
+
+
 def load_split(data: Path, split: str, fraction: float, max_images: int | None, seed: int) -> tuple[Any, list[str]]:
     """evaluate.py's ground truth for a split (boxes in tree pixels), subset as asked."""
     from bone_r.dataset import DataError, load_ground_truth
@@ -350,6 +360,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="JPEG quality drawn uniformly in [LO, HI] (default: %(default)s)")
     p.add_argument("--scale-min", type=float, default=0.75, help="scale jitter: long side in [scale-min, 1] x imgsz, per batch")
     p.add_argument("--fraction", type=float, default=1.0, help="train on this seeded fraction of the train split")
+    p.add_argument("--neg-fraction", type=float, default=1.0,
+                   help="each epoch, every image with a box plus this seeded fraction of the images without one, drawn "
+                        "anew per epoch: more fracture examples per CPU hour (default: %(default)s, all of them)")
     p.add_argument("--val-fraction", type=float, default=1.0, help="validate on this seeded fraction of the val split")
     p.add_argument("--max-images", type=int, default=None, help="at most this many train (and val) images")
     p.add_argument("--workers", type=int, default=0,
@@ -383,8 +396,8 @@ def _check(args: argparse.Namespace) -> None:
         raise TrainError("--epochs and --batch must be >= 1 and --imgsz >= 64")
     if args.imgsz % 32:
         raise TrainError(f"--imgsz must be a multiple of 32, got {args.imgsz}")
-    if not (0 < args.fraction <= 1 and 0 < args.val_fraction <= 1 and 0 < args.scale_min <= 1):
-        raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1]")
+    if not (0 < args.fraction <= 1 and 0 < args.val_fraction <= 1 and 0 < args.scale_min <= 1 and 0 <= args.neg_fraction <= 1):
+        raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1], --neg-fraction in [0, 1]")
     if not (0 <= args.jpeg <= 1 and 1 <= args.jpeg_quality[0] <= args.jpeg_quality[1] <= 100):
         raise TrainError("--jpeg must lie in [0, 1] and --jpeg-quality be LO <= HI within 1..100")
     if args.workers < 0 or (args.stop_after is not None and args.stop_after < 1):
@@ -503,12 +516,14 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     from models.torchvision_det import CHECKPOINT_FORMAT, set_model_size
 
     sizes = sorted({max(64, round(args.imgsz * s / 32) * 32) for s in np.linspace(args.scale_min, 1.0, 6)})
-    per_rank = len(train_set) if dist is None else math.ceil(len(train_set) / dist.world_size)
+    epoch_size = len(epoch_indices(train_gt.images, args.neg_fraction, args.seed))  # the same for every epoch's draw
+    per_rank = epoch_size if dist is None else math.ceil(epoch_size / dist.world_size)
     iters_per_epoch = math.ceil(per_rank / args.batch)  # optimizer steps: W processes take W x fewer, each W x larger
     total_iters = iters_per_epoch * args.epochs
     warmup = min(args.warmup_iters, total_iters // 2)
-    print(f"{args.arch} + {config['backbone']} ({started_from}) at {args.imgsz}px: {len(train_set)} train / {len(val_set)} val "
-          f"images, epochs {start_epoch + 1}..{args.epochs} -> {display_path(run_dir)}")
+    per_epoch = "" if epoch_size == len(train_set) else f" ({epoch_size} per epoch: --neg-fraction {args.neg_fraction:g})"
+    print(f"{args.arch} + {config['backbone']} ({started_from}) at {args.imgsz}px: {len(train_set)} train{per_epoch} / "
+          f"{len(val_set)} val images, epochs {start_epoch + 1}..{args.epochs} -> {display_path(run_dir)}")
     if launch is not None:
         print(f"distributed: {dist.world_size} processes on {dist.nnodes} node(s) ({dist.backend}, {device.type}), "
               f"--batch {args.batch} per process = effective batch {launch['effective_batch']}, {iters_per_epoch} steps/epoch, "
@@ -520,13 +535,15 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
         t0 = time.perf_counter()
         seed_everything(args.seed * 1000 + epoch)  # per-epoch seeds: a resumed run replays the same order and jitter
         train_set.epoch_seed = args.seed * 1000 + epoch
+        epoch_set = train_set if epoch_size == len(train_set) else torch.utils.data.Subset(
+            train_set, epoch_indices(train_gt.images, args.neg_fraction, args.seed * 1000 + epoch))
         if dist is None:
             generator = torch.Generator().manual_seed(args.seed * 1000 + epoch)
-            loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, shuffle=True, num_workers=args.workers,
+            loader = torch.utils.data.DataLoader(epoch_set, batch_size=args.batch, shuffle=True, num_workers=args.workers,
                                                  collate_fn=collate, generator=generator, drop_last=False)
         else:  # this rank's share of the same seeded order
-            loader = torch.utils.data.DataLoader(train_set, batch_size=args.batch, num_workers=args.workers, collate_fn=collate,
-                                                 sampler=distributed.train_sampler(train_set, dist, args.seed * 1000, epoch))
+            loader = torch.utils.data.DataLoader(epoch_set, batch_size=args.batch, num_workers=args.workers, collate_fn=collate,
+                                                 sampler=distributed.train_sampler(epoch_set, dist, args.seed * 1000, epoch))
         rng = np.random.default_rng(args.seed * 1000 + epoch)
         model.train()
         sums: dict[str, float] = {}
@@ -575,7 +592,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                "val_mAP50_95": float("nan") if metrics.get("map50_95") is None else metrics["map50_95"],
                "lr": optimizer.param_groups[0]["lr"], "skipped_batches": skipped,
                "threads": governor.threads, "thread_switches": governor.switches,
-               "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, len(train_set)), 4),
+               "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, epoch_size), 4),
                "seconds": round(seconds, 2),
                **({} if launch is None else {"world_size": dist.world_size, "effective_batch": launch["effective_batch"]})}
         if score > best_score:

@@ -339,6 +339,37 @@ def test_jpeg_augmentation_recompresses_some_training_images_reproducibly(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
+def test_neg_fraction_keeps_every_fracture_and_draws_new_negatives_each_epoch(tmp_path, capsys, monkeypatch):
+    import train_torchvision
+    from train_torchvision import epoch_indices, load_split, main
+
+    yaml_path = phantom_tree(tmp_path / "t", n=60, positives=0.25)
+    gt, _ = load_split(yaml_path, "train", 1.0, None, 0)
+    positives = {i for i, im in enumerate(gt.images) if len(im.boxes)}
+    negatives = set(range(len(gt.images))) - positives
+    assert positives and len(negatives) >= 8
+    assert epoch_indices(gt.images, 1.0, 0) == list(range(len(gt.images)))
+    assert set(epoch_indices(gt.images, 0.0, 0)) == positives
+    draws = [epoch_indices(gt.images, 0.5, seed) for seed in range(6)]
+    for drawn in draws:
+        assert drawn == sorted(drawn) and positives <= set(drawn)
+        assert len(set(drawn) - positives) == round(0.5 * len(negatives))
+    assert draws[0] == epoch_indices(gt.images, 0.5, 0)  # seeded: a resumed epoch draws the same images
+    assert len({tuple(d) for d in draws}) > 1 and set().union(*draws) == set(range(len(gt.images)))
+    # one epoch trains on exactly the epoch's draw (seed 0 x 1000 + epoch 0), and says how many
+    seen, getitem = [], train_torchvision.DetectionSet.__getitem__
+    monkeypatch.setattr(train_torchvision.DetectionSet, "__getitem__",
+                        lambda self, i: (seen.append(i) if self.train else None) or getitem(self, i))
+    runs = tmp_path / "runs"
+    assert main(["--data", str(yaml_path), "--arch", "fasterrcnn", "--imgsz", "64", "--epochs", "1", "--batch", "4",
+                 "--neg-fraction", "0.5", "--val-fraction", "0.2", "--project", str(runs), "--name", "n", "--quiet",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    per_epoch = len(positives) + round(0.5 * len(negatives))
+    assert sorted(seen) == epoch_indices(gt.images, 0.5, 0)
+    assert f"{len(gt.images)} train ({per_epoch} per epoch: --neg-fraction 0.5)" in capsys.readouterr().out
+    assert main(["--data", str(yaml_path), "--neg-fraction", "1.5", "--project", str(runs)]) == 2
+
+
 def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
     from bone_r.runs import ThreadGovernor
 
