@@ -15,6 +15,7 @@ OUT   ?= data/merged
 EPOCHS ?= 8
 IMGSZ  ?= 640
 RUN    ?= finetune
+TRAIN_ARGS ?=
 TTA    ?= hflip
 
 .PHONY: setup test test-fast serve predict dataset finetune candidate compare gpu-pack lint clean help
@@ -24,7 +25,7 @@ help:
 	@echo "make serve     set up and serve the /detect API and viewer on the bundled model (http://$(HOST):$(PORT))"
 	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
 	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
-	@echo "make finetune [EPOCHS=8] [IMGSZ=640] [RUN=name]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
+	@echo "make finetune [EPOCHS=8] [IMGSZ=640] [RUN=name] [TRAIN_ARGS=...]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
 	@echo "make candidate RUN=name [CAND=dir] [TTA=hflip|none]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
 	@echo "make compare [CAND=dir]   candidate vs bundle on val and test (paired group bootstrap): replace when val excludes 0"
 	@echo "make gpu-pack   the merged tree as carry/pack.tar.gz (WebP at 640 px, ~45 MB) for scripts/gpu_train.sh on a lent GPU"
@@ -70,7 +71,7 @@ dataset: setup
 # warm-up + cosine schedule (resumable: python train_torchvision.py --name RUN --resume). JOURNAL.md has the curve.
 finetune: setup
 	$(BIN)/python train_torchvision.py --data $(OUT)/dataset.yaml --arch fasterrcnn --backbone effnet_lite0_fpn --imgsz $(IMGSZ) \
-	  --epochs $(EPOCHS) --batch 4 --lr 1e-4 --seed 0 --init weights/bone-r-default.pth --name $(RUN) --evaluate
+	  --epochs $(EPOCHS) --batch 4 --lr 1e-4 --seed 0 --init weights/bone-r-default.pth --name $(RUN) --evaluate $(TRAIN_ARGS)
 
 # A finished run as a bundle candidate in the bundle's layout (CAND/bone-r-default.{pth,onnx,json}): float16 .pth,
 # float16-stored ONNX checked against it, box rule and thresholds chosen on val with the test-time augmentation TTA
