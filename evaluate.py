@@ -195,6 +195,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", choices=["card", "none", "hflip"], default="card",
                    help="with --weights: the card's test-time augmentation (default), none, or hflip (the image and its "
                         "mirror, boxes fused; twice the model time; with --write-card it goes into the card)")
+    p.add_argument("--imgsz", type=int, default=None,
+                   help="with --weights: the long side the model sees (default: the card's; with --write-card it goes into "
+                        "the card)")
     p.add_argument("--save-predictions", type=Path, help="with --weights: also save the records (results.json format)")
     p.add_argument("--allow-missing", action="store_true", help="score images without a prediction as 'no detection' (listed as errors)")
     p.add_argument("--ultralytics-crosscheck", action="store_true", help="with YOLO .pt --weights: also run Ultralytics' val() and compare")
@@ -211,6 +214,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--save-predictions needs --weights"
     if args.tta != "card" and not args.weights:
         return "--tta needs --weights (saved predictions are scored as they were made)"
+    if args.imgsz is not None and not args.weights:
+        return "--imgsz needs --weights (saved predictions are scored as they were made)"
+    if args.imgsz is not None and not 32 <= args.imgsz <= 4096:
+        return "--imgsz must lie in [32, 4096]"
     if args.ultralytics_crosscheck and not (args.weights and args.weights.suffix == ".pt"):
         return "--ultralytics-crosscheck needs YOLO .pt --weights"
     for name in ("target_sensitivity", "target_specificity", "iou"):
@@ -241,15 +248,15 @@ def main(argv: list[str] | None = None) -> int:
         bases: list[Path] = []
         if args.weights:
             try:
-                predictor = inference.Predictor(args.weights, args.backend, args.device, tta=tta)
+                predictor = inference.Predictor(args.weights, args.backend, args.device, imgsz=args.imgsz, tta=tta)
             except (FileNotFoundError, ValueError) as err:
                 raise DataError(str(err)) from None
             except Exception as err:  # noqa: BLE001 - a backend failing to load a file: one line, no traceback
                 raise DataError(f"cannot load {args.weights}: {type(err).__name__}: {err}") from None
             card_thresholds = predictor.card.thresholds if predictor.card else None
-            # the card's thresholds hold for the card's box rule and augmentation only
-            if thresholds is None and card_thresholds and not (args.write_card or args.choose_on_val
-                                                               or args.box_rule == "choose" or tta is not None):
+            # the card's thresholds hold for the card's box rule, augmentation and input size only
+            if thresholds is None and card_thresholds and not (args.write_card or args.choose_on_val or args.box_rule == "choose"
+                                                               or tta is not None or args.imgsz is not None):
                 thresholds, source = card_thresholds, "model_card"
             predictions: Any = predictor
         else:
@@ -263,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                                 n_boot=args.n_boot, seed=args.seed, iou=args.iou, allow_missing=args.allow_missing,
                                 progress=not args.quiet, record_bases=bases, keep_records=bool(args.save_predictions),
                                 harmonize=args.harmonize, box_rule=args.box_rule if args.weights else "card")
-        report["model"] = ({"weights": str(args.weights), "backend": predictor.name, "tta": predictor.settings.tta}
+        report["model"] = ({"weights": str(args.weights), "backend": predictor.name, "tta": predictor.settings.tta,
+                            "imgsz": predictor.settings.imgsz}
                            if args.weights else {"predictions": str(args.predictions)})
         if args.ultralytics_crosscheck:
             imgsz = getattr(predictor.detector, "imgsz", None)  # the size our predictions were made at
@@ -287,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         plots = save_plots(report, args.plots or out.parent, out.stem)
     if args.write_card:
         card_path = card_path_for(args.weights)
-        update_model_card(card_path, report, report, box_rule=report.get("box_rule"), tta=tta)
+        update_model_card(card_path, report, report, box_rule=report.get("box_rule"), tta=tta, imgsz=args.imgsz)
         print(f"model card updated: {card_path} (thresholds chosen on '{args.val_split}', metrics on '{args.split}')")
     print(f"report: {out}" + (f"; plots: {', '.join(map(str, plots))}" if plots else ""))
     print(DISCLAIMER)

@@ -187,9 +187,11 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_report: dict[str, Any],
-                      box_rule: dict[str, Any] | None = None, tta: str | None = None) -> dict[str, Any]:
-    """Write the val-chosen `thresholds` and the test `metrics` into the card, keeping every other key; `tta`, when
-    given, is the test-time augmentation both were measured with (it goes into the card with them).
+                      box_rule: dict[str, Any] | None = None, tta: str | None = None,
+                      imgsz: int | None = None) -> dict[str, Any]:
+    """Write the val-chosen `thresholds` and the test `metrics` into the card, keeping every other key; `tta` and
+    `imgsz`, when given, are the test-time augmentation and input size both were measured with (they go into the card
+    with them).
 
     `val_report` is a report (its `operating_points` are used) or the operating points
     themselves. The card is replaced atomically; a missing card is created.
@@ -217,6 +219,8 @@ def update_model_card(card_path: str | Path, val_report: dict[str, Any], test_re
         card.extra["box_rule_chosen_on"] = box_rule["source"]
     if tta is not None:
         card.tta = tta
+    if imgsz is not None:
+        card.imgsz = int(imgsz)
     metrics = card_metrics(test_report)
     if test_report.get("settings", {}).get("val_split"):
         metrics["val_split"] = test_report["settings"]["val_split"]

@@ -122,10 +122,13 @@ def rgb_key(rgb: np.ndarray) -> str:
 class OracleDetector:
     """A detector that knows the answer for each image it was told about (keyed by the RGB it receives)."""
 
+    built_at: list = []  # the input size of every oracle built (what the caller handed the backend)
+
     def __init__(self, weights, device: str = "cpu", imgsz: int | None = None):
         self.table = json.loads(Path(weights).read_text())
         self.name = "oracle"
         self.unknown = 0
+        OracleDetector.built_at.append(imgsz)
 
     def predict(self, rgb, conf):
         rows = self.table.get(rgb_key(rgb))
@@ -820,6 +823,31 @@ def test_cli_measures_mirror_tta_and_writes_it_to_the_card(tree, tmp_path, capsy
     assert not isinstance(inference.Predictor(weights, tta="none").detector, MirrorTTA)
     rc, _, err = run_cli(["--predictions", out, "--data", root / "dataset.yaml", "--tta", "hflip"], capsys)
     assert rc == 2 and "--tta needs --weights" in err
+
+
+def test_cli_evaluates_at_another_input_size_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
+    root, phantoms = tree
+    weights = write_oracle(tmp_path / "m", root, phantoms, Contract(), {"backend": "oracle", "imgsz": 640,
+                                                                        "thresholds": {"balanced": {"threshold": 0.99}}})
+    out = tmp_path / "r.json"
+    OracleDetector.built_at.clear()
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--imgsz", 800], capsys)
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert OracleDetector.built_at == [800] and report["model"]["imgsz"] == 800
+    # the card's thresholds were chosen at 640: at another size they are chosen on val again
+    assert report["operating_points"]["balanced"]["source"] != "model_card"
+    assert json.loads((tmp_path / "m" / "oracle.json").read_text())["imgsz"] == 640  # no --write-card: card untouched
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet",
+                          "--no-plots", "--imgsz", 800, "--write-card"], capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "m" / "oracle.json").read_text())["imgsz"] == 800
+    assert inference.Predictor(weights).settings.imgsz == 800  # the card's users predict at the size it was measured at
+    rc, _, err = run_cli(["--weights", weights, "--data", root / "dataset.yaml", "--imgsz", 8], capsys)
+    assert rc == 2 and "--imgsz must lie in" in err
+    rc, _, err = run_cli(["--predictions", out, "--data", root / "dataset.yaml", "--imgsz", 800], capsys)
+    assert rc == 2 and "--imgsz needs --weights" in err
 
 
 # --------------------------------------------------------------------------- intervals at small n
