@@ -165,13 +165,13 @@ def card_metrics(report: dict[str, Any]) -> dict[str, Any]:
 
     def part(entry: dict[str, Any]) -> dict[str, Any]:
         return {"n_images": entry["n_images"], "n_positive": entry["n_positive"], "n_gt_boxes": entry.get("n_gt_boxes"),
-                "box": {k: entry["box"].get(k) for k in ("map50", "map50_95")}, "image_auc": entry.get("image_auc"),
+                "box": {k: entry["box"].get(k) for k in ("map50", "map50_95", "map50_interval")}, "image_auc": entry.get("image_auc"),
                 "image_level": {m: slim(v) for m, v in entry["image_level"].items()}}
 
     return {
         "split": report["split"], "data": report["data"], "n_images": report["n_images"], "n_positive": report["n_positive"],
         "splits_sha256": report.get("splits_sha256"), "evaluated": report.get("created"),
-        "box": {k: report["box"].get(k) for k in ("map50", "map50_95", "n_gt_boxes")},
+        "box": {k: report["box"].get(k) for k in ("map50", "map50_95", "map50_interval", "n_gt_boxes")},
         "image_auc": report.get("image_auc"),
         "image_level": {m: slim(v) for m, v in report["image_level"].items()},
         "localization": report.get("localization"),

@@ -39,13 +39,18 @@ def with_ci(entry: dict[str, Any] | None, *, ci_digits: int = 3, dash: str = "-"
     return text + (f" ({entry['note']})" if note and entry.get("note") else "")
 
 
+def map50_text(box: dict[str, Any], dash: str = "-") -> str:
+    """'0.424 [0.344-0.503]': a report's box mAP@0.5 with its group-bootstrap interval when it has one."""
+    return with_ci({"value": box.get("map50"), "ci": (box.get("map50_interval") or {}).get("ci")}, dash=dash, note=False)
+
+
 def _part_table(title: str, parts: dict[str, Any]) -> list[str]:
-    lines = ["", title, f"{'':<22} {'images':>7} {'pos':>5} {'boxes':>6} {'mAP50':>6} {'AUC':>6} "
+    lines = ["", title, f"{'':<22} {'images':>7} {'pos':>5} {'boxes':>6} {'mAP50 [95% CI]':<20} {'AUC':>6} "
                         f"{'sensitivity [95% CI]':<32} {'specificity [95% CI]':<32}"]
     for name, part in parts.items():
         bal = part["image_level"].get("balanced") or next(iter(part["image_level"].values()))
         lines.append(f"{name[:22]:<22} {part['n_images']:>7} {part['n_positive']:>5} {part['n_gt_boxes']:>6} "
-                     f"{num(part['box']['map50']):>6} {num(part.get('image_auc')):>6} {with_ci(bal['sensitivity']):<32} "
+                     f"{map50_text(part['box']):<20} {num(part.get('image_auc')):>6} {with_ci(bal['sensitivity']):<32} "
                      f"{with_ci(bal['specificity']):<32}")
     return lines
 
@@ -57,11 +62,11 @@ def format_report(report: dict[str, Any]) -> str:
     if report.get("by_source_radiographs"):
         lines += _part_table("by source, each radiograph once (balanced mode)", report["by_source_radiographs"])
         mean = report["mean_over_sources"]
-        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {num(mean['map50']['value']):>6} "
+        lines.append(f"{'mean over sources':<22} {'':>7} {'':>5} {'':>6} {num(mean['map50']['value']):<20} "
                      f"{num(mean['image_auc']['value']):>6} {num(mean['sensitivity']['value']):<32} "
                      f"{num(mean['specificity']['value']):<32}")
     lines += ["", f"pooled over every source and copy ({report['n_images']} images):",
-              f"box: mAP@0.5 {num(report['box']['map50'])}  mAP@0.5:0.95 {num(report['box']['map50_95'])}  "
+              f"box: mAP@0.5 {map50_text(report['box'])}  mAP@0.5:0.95 {num(report['box']['map50_95'])}  "
               f"({report['box']['n_gt_boxes']} true boxes)   image ROC AUC {num(report['image_auc']['roc_auc'])}",
               f"{'mode':<10} {'tau':>7} {'from':<10} {'sensitivity [95% CI]':<24} {'specificity [95% CI]':<24} {'PPV':>6} {'NPV':>6} "
               f"{'TP':>5} {'FP':>5} {'TN':>5} {'FN':>5} {'loc.sens':>8} {'boxes/flagged p90':>17}"]

@@ -20,7 +20,7 @@ from pathlib import Path
 from bone_r import DISCLAIMER
 from bone_r.dataset import DataError, load_ground_truth
 from bone_r.detection import load_records, match_predictions
-from bone_r.metrics import paired_bootstrap
+from bone_r.metrics import DEFAULT_N_BOOT, paired_bootstrap
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("b", type=Path, help="model B's, on the same images")
     p.add_argument("--data", type=Path, required=True, help="the dataset yaml")
     p.add_argument("--split", default="val", help="split to compare on (default: val)")
-    p.add_argument("--n-boot", type=int, default=300, help="group resamples (default 300)")
+    p.add_argument("--n-boot", type=int, default=DEFAULT_N_BOOT, help="group resamples (default %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the result here")
     return p

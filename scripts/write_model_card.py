@@ -17,7 +17,7 @@ from typing import Any
 
 from bone_r import DISCLAIMER
 from bone_r.modes import MODES
-from bone_r.report import num, with_ci
+from bone_r.report import map50_text, num, with_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,13 +80,13 @@ def breakdown(parts: dict[str, Any], mode: str = "balanced", mean: dict[str, Any
     rows = []
     for name, entry in sorted(parts.items()):
         level = entry["image_level"].get(mode, {})
-        rows.append([name, str(entry["n_images"]), str(entry["n_positive"]), num(entry["box"].get("map50")),
+        rows.append([name, str(entry["n_images"]), str(entry["n_positive"]), map50_text(entry["box"], dash="–"),
                      num(entry["box"].get("map50_95")), num(entry.get("image_auc")), with_ci(level.get("sensitivity"), dash="–", note=False),
                      with_ci(level.get("specificity"), dash="–", note=False)])
     if mean:
         rows.append(["**mean over sources**", "", "", num(mean["map50"]["value"]), "", num(mean["image_auc"]["value"]),
                      num(mean["sensitivity"]["value"]), num(mean["specificity"]["value"])])
-    return table(["", "images", "positive", "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
+    return table(["", "images", "positive", "mAP@0.5 [95% CI]", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
 
 
 def size_section(sizes: dict[str, Any] | None) -> list[str]:
@@ -142,7 +142,7 @@ def render(card: dict[str, Any], extra: dict[str, Any] | None = None) -> str:
                     "Wilson's below 30 cases, none below 5.", "",
                     breakdown(metrics["by_source_radiographs"], mean=metrics.get("mean_over_sources")), "",
                     f"### Pooled over every source and copy ({metrics.get('n_images')} images)", ""]
-        out += [f"Box mAP@0.5 **{num(box.get('map50'))}**, mAP@0.5:0.95 **{num(box.get('map50_95'))}** (pycocotools, negatives included). "
+        out += [f"Box mAP@0.5 **{map50_text(box, dash='–')}**, mAP@0.5:0.95 **{num(box.get('map50_95'))}** (pycocotools, negatives included). "
                 f"Intervals: 95% bootstrap over {metrics.get('bootstrap', {}).get('resampled', 'groups')} "
                 f"({metrics.get('bootstrap', {}).get('n_boot')} resamples).", ""]
         rows = []

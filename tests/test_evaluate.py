@@ -26,6 +26,7 @@ from bone_r.dataset import IDENTITY_CONTRACT, DataError, GroundTruth, GTImage, l
 from bone_r.detection import BoxRule, Detection, ImagePrediction, match_predictions
 from bone_r.image import load_image
 from bone_r.metrics import (
+    AP50,
     BOX_RULE_MAX_P90,
     bootstrap_counts,
     box_iou,
@@ -34,9 +35,11 @@ from bone_r.metrics import (
     confusion_metrics,
     evaluate_predictions,
     froc,
+    group_weights,
     image_level,
     image_scores,
     localization_metrics,
+    map50_interval,
     predict_split,
     roc_auc,
     run_evaluation,
@@ -923,6 +926,76 @@ def test_sensitivity_by_fracture_size_cuts_each_sources_positives_by_their_large
     assert [r["found"]["k"] for r in rows] == [0, 0, 2]  # ... which does not find it; 10 px scored below threshold
     assert rows[2]["found"]["value"] == 1.0 and rows[0]["flagged"]["ci"][0] == 0 and 0 < rows[0]["flagged"]["ci"][1] < 1
     assert "sensitivity by fracture size" in format_report(report)
+
+
+def random_case(rng, n_images: int, max_true: int = 3, max_dets: int = 8):
+    """Crowded random truth and predictions: near-miss and overlapping boxes, repeated scores, empty images."""
+    truth, preds = [], []
+    tied = rng.random() < 0.3  # scores from three values: ties within and between images
+    for _ in range(n_images):
+        true = [[x, y, x + w, y + h] for x, y, w, h in zip(*rng.uniform([0, 0, 5, 5], [60, 60, 40, 40], (rng.integers(0, max_true + 1), 4)).T)]
+        jittered = [np.array(t) + rng.normal(0, 4, 4) for t in true for _ in range(rng.integers(0, 3))]
+        boxes = [np.r_[np.minimum(b[:2], b[2:]), np.maximum(b[:2], b[2:])] for b in jittered]  # x1 <= x2, y1 <= y2
+        boxes += [rng.uniform(0, 60, 2).tolist() * 2 + np.r_[0, 0, rng.uniform(5, 40, 2)] for _ in range(rng.integers(0, max_dets))]
+        scores = rng.choice([0.2, 0.5, 0.9], len(boxes)) if tied else rng.uniform(0.001, 1, len(boxes))
+        truth.append(true)
+        preds.append(pred(boxes, scores) if boxes or rng.random() < 0.5 else None)
+    return make_gt(truth), preds
+
+
+def test_fast_ap50_equals_pycocotools_also_on_resamples():
+    rng = np.random.default_rng(7)
+    resampled = 0
+    for case in range(60):
+        gt, preds = random_case(rng, int(rng.integers(1, 30)))
+        if case % 5 == 0:  # a weak positive (boxes unknown) is left out by both
+            gt.images[0].boxes_known = False
+        ref = box_metrics(gt, preds)["map50"]
+        assert (AP50(gt, preds)() is None) == (ref is None) and (ref is None or AP50(gt, preds)() == pytest.approx(ref, abs=1e-6)), case
+        scores = np.concatenate([p.scores for p in preds if p is not None] + [np.zeros(0)])
+        if len(np.unique(scores)) < len(scores):
+            continue  # tied scores of two images rank in image order, which a resample reshuffles in pycocotools
+        # a resample (images drawn with replacement) scored both ways: pycocotools on the duplicated images
+        ids = rng.integers(0, len(gt), len(gt))
+        weights = np.bincount(ids, minlength=len(gt)).astype(float)
+        order = np.repeat(np.arange(len(gt)), weights.astype(int))
+        ref = box_metrics(gt.subset(order.tolist()), [preds[i] for i in order])["map50"]
+        got = AP50(gt, preds)(weights)
+        assert (got is None) == (ref is None) and (ref is None or got == pytest.approx(ref, abs=1e-6)), case
+        resampled += 1
+    assert resampled >= 20
+    # a box as close to two true boxes goes to the last of them (pycocotools' rule): the next box, which overlaps
+    # only that one, is then a false positive
+    gt = make_gt([[[0, 0, 10, 10], [2, 0, 12, 10]]])
+    two = [pred([[1, 0, 11, 10], [4, 0, 14, 10]], [0.9, 0.8])]
+    assert AP50(gt, two)() == pytest.approx(box_metrics(gt, two)["map50"], abs=1e-6) == pytest.approx(51 / 101)  # recall 1/2 at precision 1
+    # max_dets: only each image's best-scoring boxes count
+    gt = make_gt([[[10, 10, 50, 50]]])
+    late = [pred([[60, 60, 70, 70], [61, 61, 71, 71], [10, 10, 50, 50]], [0.9, 0.8, 0.7])]
+    assert AP50(gt, late, max_dets=2)() == 0.0 and AP50(gt, late)() == pytest.approx(box_metrics(gt, late)["map50"], abs=1e-6)
+    assert box_metrics(gt, late, max_dets=2)["map50"] == 0.0 and AP50(gt, late)() == pytest.approx(1 / 3)
+
+
+def test_map50_interval_is_a_group_bootstrap_interval():
+    rng = np.random.default_rng(3)
+    gt, preds = random_case(rng, 60)
+    value = box_metrics(gt, preds)["map50"]
+    res = map50_interval(gt, preds, n_boot=400, seed=0)
+    assert res["ci_method"] == "group bootstrap" and res["ci"][0] < value < res["ci"][1] and res["ci"][1] - res["ci"][0] > 0.05
+    assert map50_interval(gt, preds, n_boot=400, seed=0) == res  # seeded
+    # one group holding every image: every resample is the whole set, the interval collapses onto the value
+    one = make_gt([im.boxes for im in gt.images], groups=["g"] * len(gt))
+    one_group = map50_interval(one, preds, n_boot=50, seed=0)
+    assert one_group is None  # fewer than 5 groups with a true box: no interval
+    groups = [f"g{i % 6}" for i in range(len(gt))]
+    weights = group_weights(groups, 30, 0)  # a group is drawn whole: its images share a weight; 6 draws per resample
+    assert all(len({w[i] for i in range(len(gt)) if groups[i] == g}) == 1 for w in weights for g in set(groups))
+    assert (weights[:, :6].sum(axis=1) == 6).all() and weights.std() > 0
+    many = make_gt([im.boxes for im in gt.images], groups=groups)
+    assert map50_interval(many, preds, n_boot=0) is None
+    report = evaluate_predictions(gt, preds, {"balanced": 0.5}, n_boot=200, seed=0, breakdown=True)
+    assert report["box"]["map50_interval"]["ci"][0] < report["box"]["map50"] < report["box"]["map50_interval"]["ci"][1]
+    assert f"mAP@0.5 {report['box']['map50']:.3f} [" in format_report(report)
 
 
 def test_paired_bootstrap_says_when_one_model_beats_another_and_when_not():
