@@ -29,6 +29,8 @@
     else if (typeof entry.note === "string") s += " (" + entry.note + ")";  // e.g. "too few (n=3) for an interval"
     return s;
   }
+  // a report's box mAP@0.5 with its group-bootstrap interval when the report has one
+  function map50(box) { return metric({ value: (box || {}).map50, ci: ((box || {}).map50_interval || {}).ci }); }
   function str(x, fallback) { return typeof x === "string" ? x : (x === undefined || x === null ? (fallback || "") : String(x)); }
 
   function table(node, caption, headers, rows) {
@@ -718,7 +720,7 @@
     const p = el("p");
     p.append(document.createTextNode((model.name || model.weights || model.predictions ? "Model " + str(model.name || model.weights || model.predictions) + " on the " : "The ") +
       str(report.split) + " split of " + str(report.data) + ": " + str(report.n_images) + " images, " + str(report.n_positive) +
-      " with a fracture, " + str(report.n_groups) + " groups. Box mAP@0.5 " + num(box.map50) + ", mAP@0.5:0.95 " + num(box.map50_95) +
+      " with a fracture, " + str(report.n_groups) + " groups. Box mAP@0.5 " + map50(box) + ", mAP@0.5:0.95 " + num(box.map50_95) +
       " (" + str(box.n_gt_boxes) + " true boxes); image ROC AUC " + num((report.image_auc || {}).roc_auc) + "."));
     if (report.synthetic) p.append(el("span", "synthetic demo", { class: "badge" }));
     summary.append(p);
@@ -747,7 +749,7 @@
         const levels = part.image_level || {};
         const bal = levels.balanced || levels[Object.keys(levels)[0]] || {};
         return [name, { text: str(part.n_images), num: true }, { text: str(part.n_positive), num: true },
-          { text: str(part.n_gt_boxes), num: true }, { text: num((part.box || {}).map50), num: true },
+          { text: str(part.n_gt_boxes), num: true }, { text: map50(part.box), num: true },
           { text: num(part.image_auc), num: true }, metric(bal.sensitivity), metric(bal.specificity)];
       });
       const mean = key === "by_source_radiographs" ? report.mean_over_sources : null;
@@ -757,7 +759,7 @@
       }
       table(node, key === "by_source_radiographs" ? "Roboflow's augmented copies and near-duplicates of one radiograph count once; " +
         "a source with only positives has no specificity or AUC" : null,
-        ["Name", "Images", "Positive", "True boxes", "mAP@0.5", "ROC AUC", "Sensitivity", "Specificity"], rows);
+        ["Name", "Images", "Positive", "True boxes", "mAP@0.5 [95% CI]", "ROC AUC", "Sensitivity", "Specificity"], rows);
     });
     renderFractureSize(report.by_fracture_size);
     renderCurves(report);

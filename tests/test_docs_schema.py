@@ -175,6 +175,10 @@ def test_an_evaluate_report_is_what_the_site_reads():
              for i in range(12)]
     report = evaluate_predictions(gt, preds, {"balanced": 0.5, "screening": 0.2, "specific": 0.8}, n_boot=20)
     assert errors("report.schema.json", json.loads(json.dumps(report))) == []
+    assert len(report["box"]["map50_interval"]["ci"]) == 2  # the site shows it beside mAP@0.5
+    broken = json.loads(json.dumps(report))
+    broken["by_source"]["a"]["box"]["map50_interval"] = {"ci": [0.2]}
+    assert errors("report.schema.json", broken)
 
 
 def test_compare_overlay_output_matches_the_schema():
