@@ -189,6 +189,31 @@ def epoch_indices(items: list[Any], negative_fraction: float, seed: int) -> list
     return sorted({i for i, it in enumerate(items) if len(it.boxes)} | {int(i) for i in drawn})
 
 
+class WeightEMA:
+    """An exponential moving average of a detector's weights (as YOLO and most detection recipes keep): a copy whose
+    trainable tensors follow ``ema = decay * ema + (1 - decay) * weights`` after every optimizer step. Validated and
+    kept as best.pth instead of the weights, it smooths the epoch-to-epoch swings of a small val split."""
+
+    def __init__(self, net: Any, decay: float):
+        import copy
+
+        self.decay = decay
+        self.model = copy.deepcopy(net).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        pairs = [(e, p) for e, p in zip(self.model.parameters(), net.parameters()) if p.requires_grad]
+        self._ema, self._live = [e for e, _ in pairs], [p for _, p in pairs]
+        self._buffers = list(zip(self.model.buffers(), net.buffers()))
+
+    def update(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay)
+            for e, b in self._buffers:  # frozen norms: constant, copied for safety
+                e.copy_(b)
+
+
 def load_split(data: Path, split: str, fraction: float, max_images: int | None, seed: int) -> tuple[Any, list[str]]:
     """evaluate.py's ground truth for a split (boxes in tree pixels), subset as asked."""
     from bone_r.dataset import DataError, load_ground_truth
@@ -363,6 +388,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--neg-fraction", type=float, default=1.0,
                    help="each epoch, every image with a box plus this seeded fraction of the images without one, drawn "
                         "anew per epoch: more fracture examples per CPU hour (default: %(default)s, all of them)")
+    p.add_argument("--ema", type=float, default=0.0, metavar="DECAY",
+                   help="validate and keep (best.pth) an exponential moving average of the weights, updated after every "
+                        "step with this decay (e.g. 0.999: about the last 1000 steps); 0: the weights themselves (default)")
     p.add_argument("--val-fraction", type=float, default=1.0, help="validate on this seeded fraction of the val split")
     p.add_argument("--max-images", type=int, default=None, help="at most this many train (and val) images")
     p.add_argument("--workers", type=int, default=0,
@@ -400,6 +428,8 @@ def _check(args: argparse.Namespace) -> None:
         raise TrainError("--fraction, --val-fraction and --scale-min must lie in (0, 1], --neg-fraction in [0, 1]")
     if not (0 <= args.jpeg <= 1 and 1 <= args.jpeg_quality[0] <= args.jpeg_quality[1] <= 100):
         raise TrainError("--jpeg must lie in [0, 1] and --jpeg-quality be LO <= HI within 1..100")
+    if not 0 <= args.ema < 1:
+        raise TrainError(f"--ema must lie in [0, 1), got {args.ema}")
     if args.workers < 0 or (args.stop_after is not None and args.stop_after < 1):
         raise TrainError("--workers must be >= 0 and --stop-after >= 1")
     if args.threads is not None and args.threads < 1:
@@ -507,6 +537,11 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     if ckpt is not None and ckpt.get("optimizer"):
         optimizer.load_state_dict(ckpt["optimizer"])
+    ema = WeightEMA(net, args.ema) if args.ema and main_rank else None  # rank 0 alone validates and saves
+    if ema is not None and ckpt is not None:
+        if ckpt.get("ema") is None:
+            raise TrainError("--resume: last.pth holds no moving average (the run was not started with --ema)")
+        ema.model.load_state_dict(ckpt["ema"])
     if main_rank:
         (run_dir / "weights").mkdir(exist_ok=True)
     cache = None if args.no_cache else Path(args.cache) / f"long{args.imgsz}"
@@ -569,6 +604,8 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
             if args.clip_grad:
                 torch.nn.utils.clip_grad_norm_(params, args.clip_grad)
             optimizer.step()
+            if ema is not None:
+                ema.update()
             n_batches += 1
             sums["loss"] = sums.get("loss", 0.0) + loss.item()
             for k, v in losses.items():
@@ -583,7 +620,8 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
             if args.stop_after and done_now >= args.stop_after and epoch + 1 < args.epochs:
                 return 0
             continue
-        metrics = validate(net, val_set, val_gt, device, progress=not args.quiet)
+        kept = net if ema is None else ema.model  # what is validated and becomes best.pth
+        metrics = validate(kept, val_set, val_gt, device, progress=not args.quiet)
         seconds = time.perf_counter() - t0
         map50 = metrics.get("map50")
         score = map50 if map50 is not None else -(sums.get("loss", 0.0) / max(1, n_batches))
@@ -597,12 +635,13 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                **({} if launch is None else {"world_size": dist.world_size, "effective_batch": launch["effective_batch"]})}
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
-            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(),
+            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": kept.state_dict(),
                                                                 "config": config, "epoch": epoch + 1, "val_map50": map50,
                                                                 "val_map50_95": metrics.get("map50_95")})
         save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": config,
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                                           "best_score": best_score, "best_epoch": best_epoch})
+                                                           "best_score": best_score, "best_epoch": best_epoch,
+                                                           "ema": None if ema is None else ema.model.state_dict()})
         log_epoch(run_dir, row)
         write_best_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "

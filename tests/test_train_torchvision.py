@@ -370,6 +370,48 @@ def test_neg_fraction_keeps_every_fracture_and_draws_new_negatives_each_epoch(tm
     assert main(["--data", str(yaml_path), "--neg-fraction", "1.5", "--project", str(runs)]) == 2
 
 
+def test_ema_averages_every_step_is_what_is_validated_and_kept_and_resumes(tmp_path):
+    from train_torchvision import WeightEMA, main
+
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    net[1].weight.requires_grad_(False)  # frozen: never averaged, stays the weights'
+    ema = WeightEMA(net, 0.75)
+    start = [p.detach().clone() for p in net.parameters()]
+    expected = [p.clone() for p in start]
+    for step in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                if p.requires_grad:
+                    p.add_(torch.full_like(p, step + 1.0))
+        ema.update()
+        expected = [0.75 * e + 0.25 * p.detach() if p.requires_grad else e for e, p in zip(expected, net.parameters())]
+    for e, want, p in zip(ema.model.parameters(), expected, net.parameters()):
+        assert torch.allclose(e, want) and not e.requires_grad
+        assert not torch.equal(e, p) if p.requires_grad else torch.equal(e, p)
+    # in training: best.pth is the average the epoch validated, last.pth keeps both for --resume
+    yaml_path = phantom_tree(tmp_path / "t", n=12)
+    common = ["--project", str(tmp_path / "runs"), "--name", "e", "--quiet", "--cache", str(tmp_path / "cache")]
+    assert main(["--data", str(yaml_path), "--arch", "fasterrcnn", "--imgsz", "64", "--epochs", "2", "--stop-after", "1",
+                 "--batch", "2", "--ema", "0.5", "--lr", "1e-3", *common]) == 0
+    weights = tmp_path / "runs" / "e" / "weights"
+    last = torch.load(weights / "last.pth", map_location="cpu", weights_only=True)
+    best = torch.load(weights / "best.pth", map_location="cpu", weights_only=True)
+    assert set(best["model"]) == set(last["ema"]) == set(last["model"])
+    assert all(torch.equal(best["model"][k], last["ema"][k]) for k in best["model"])
+    assert any(not torch.equal(last["ema"][k], last["model"][k]) for k in last["model"])
+    assert main(["--resume", *common]) == 0
+    resumed = torch.load(weights / "last.pth", map_location="cpu", weights_only=True)
+    assert any(not torch.equal(resumed["ema"][k], last["ema"][k]) for k in last["ema"])  # epoch 2's steps moved it
+    # the same two epochs in one go: a resumed run carries its average on, it does not restart it
+    straight = [a if a != "e" else "f" for a in common]
+    assert main(["--data", str(yaml_path), "--arch", "fasterrcnn", "--imgsz", "64", "--epochs", "2", "--batch", "2",
+                 "--ema", "0.5", "--lr", "1e-3", *straight]) == 0
+    whole = torch.load(tmp_path / "runs" / "f" / "weights" / "last.pth", map_location="cpu", weights_only=True)
+    assert resumed["epoch"] == whole["epoch"] == 2
+    assert all(torch.allclose(resumed["ema"][k].float(), whole["ema"][k].float(), atol=1e-6) for k in whole["ema"])
+    assert main(["--data", str(yaml_path), "--ema", "1", "--project", str(tmp_path / "runs")]) == 2
+
+
 def test_thread_governor_steps_down_while_others_are_busy(monkeypatch):
     from bone_r.runs import ThreadGovernor
 
