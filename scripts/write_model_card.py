@@ -86,7 +86,8 @@ def breakdown(parts: dict[str, Any], mode: str = "balanced", mean: dict[str, Any
     if mean:
         rows.append(["**mean over sources**", "", "", num(mean["map50"]["value"]), "", num(mean["image_auc"]["value"]),
                      num(mean["sensitivity"]["value"]), num(mean["specificity"]["value"])])
-    return table(["", "images", "positive", "mAP@0.5 [95% CI]", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
+    with_intervals = any((entry["box"].get("map50_interval") or {}).get("ci") for entry in parts.values())
+    return table(["", "images", "positive", "mAP@0.5 [95% CI]" if with_intervals else "mAP@0.5", "mAP@0.5:0.95", "ROC AUC", "sensitivity [95% CI]", "specificity [95% CI]"], rows)
 
 
 def size_section(sizes: dict[str, Any] | None) -> list[str]:

@@ -40,6 +40,23 @@ def test_renders_the_cards_numbers(tmp_path):
     assert "| fracatlas | 1 | 0.08–0.30% | 4 | 0.500 [0.150–0.850] | 0.250 [0.050–0.700] |" in text
     assert "not a diagnosis" in text and "What it cannot do" in text
     assert "90th percentile 2, max 3; box rule" in text and "(chosen on val); test-time augmentation: hflip" in text
+    assert "mAP@0.5 [95% CI]" not in text  # an older card without mAP intervals: no interval promised
+
+
+def test_renders_map50_intervals_where_the_card_has_them(tmp_path):
+    data = _card()
+    interval = {"ci": [0.31, 0.55], "ci_method": "group bootstrap", "n_boot": 2000}
+    data["metrics"]["box"]["map50_interval"] = interval
+    data["metrics"]["by_source"]["fracatlas"] = dict(data["metrics"]["by_source"]["fracatlas"],
+                                                     box={"map50": 0.4321, "map50_95": 0.1234, "map50_interval": interval})
+    card = tmp_path / "demo.json"
+    card.write_text(json.dumps(data))
+    out = tmp_path / "MODEL_CARD.md"
+    assert write_model_card.main(["--card", str(card), "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "mAP@0.5 **0.432 [0.310–0.550]**" in text
+    assert "| mAP@0.5 [95% CI] |" in text and "| fracatlas | 60 | 10 | 0.432 [0.310–0.550] | 0.123 |" in text
+    assert "| hand | 60 | 10 | 0.432 | 0.123 |" in text  # the region table has none: its header promises none
 
 
 def test_rejects_what_is_not_a_card(tmp_path, capsys):
