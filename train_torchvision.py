@@ -210,7 +210,7 @@ class WeightEMA:
 
         with torch.no_grad():
             torch._foreach_lerp_(self._ema, self._live, 1.0 - self.decay)
-            for e, b in self._buffers:  # frozen norms: constant, copied for safety
+            for e, b in self._buffers:  # norm statistics follow the live model (constant when the norms are frozen)
                 e.copy_(b)
 
 

@@ -11,7 +11,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,17 +243,6 @@ class AP50:
         return float(np.where(at < len(tp), precision[np.minimum(at, len(tp) - 1)], 0.0).mean())
 
 
-def group_weights(groups: Sequence[Any], n_boot: int, seed: int) -> np.ndarray:
-    """(n_boot, n_images): how often each image is drawn when its groups are drawn with replacement (a group is
-    never split)."""
-    index = _group_index(groups, len(groups))
-    g = int(index.max()) + 1 if len(index) else 0
-    if not g:
-        return np.zeros((n_boot, 0))
-    drawn = np.random.default_rng(seed).multinomial(g, np.full(g, 1.0 / g), size=n_boot)
-    return drawn[:, index].astype(np.float64)
-
-
 def map50_interval(gt: GroundTruth, preds: Sequence[ImagePrediction | None], n_boot: int = DEFAULT_N_BOOT,
                    seed: int = DEFAULT_SEED, max_dets: int = COCO_MAX_DETS) -> dict[str, Any] | None:
     """95% group-bootstrap percentile interval of mAP@0.5 (resamples without a true box are left out); None without
@@ -292,23 +281,37 @@ def _group_index(groups: Sequence[Any] | None, n: int) -> np.ndarray:
     return np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1].reshape(-1)
 
 
-def bootstrap_counts(counts: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
-    """Resample the rows of `counts` (one per group) with replacement, `n_boot` times -> summed counts.
-
-    A multinomial draw of how often each group is picked is the same as drawing the
-    groups themselves, without materializing n_boot x n_groups indices at once.
-    """
-    counts = np.asarray(counts, dtype=np.float64)
-    g = counts.shape[0]
+def group_draws(g: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """The project's one bootstrap draw: how often each of `g` groups is picked in each of `n_boot` resamples with
+    replacement, in row chunks of about 2M counts. A multinomial draw of the counts is the same as drawing the groups
+    themselves, without materializing n_boot x n_groups indices at once."""
     rng = np.random.default_rng(seed)
-    out = np.empty((n_boot, counts.shape[1]))
     chunk = max(1, 2_000_000 // max(g, 1))
     pvals = np.full(g, 1.0 / g)
     for start in range(0, n_boot, chunk):
-        m = min(chunk, n_boot - start)
-        weights = rng.multinomial(g, pvals, size=m)
-        out[start:start + m] = weights @ counts
+        yield rng.multinomial(g, pvals, size=min(chunk, n_boot - start))
+
+
+def bootstrap_counts(counts: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+    """Resample the rows of `counts` (one per group) with replacement, `n_boot` times -> summed counts."""
+    counts = np.asarray(counts, dtype=np.float64)
+    out = np.empty((n_boot, counts.shape[1]))
+    start = 0
+    for weights in group_draws(counts.shape[0], n_boot, seed):
+        out[start:start + len(weights)] = weights @ counts
+        start += len(weights)
     return out
+
+
+def group_weights(groups: Sequence[Any], n_boot: int, seed: int) -> np.ndarray:
+    """(n_boot, n_images): how often each image is drawn when its groups are drawn with replacement (a group is
+    never split)."""
+    index = _group_index(groups, len(groups))
+    g = int(index.max()) + 1 if len(index) else 0
+    if not g:
+        return np.zeros((n_boot, 0))
+    drawn = np.concatenate([np.zeros((0, g), dtype=np.int64), *group_draws(g, n_boot, seed)])
+    return drawn[:, index].astype(np.float64)
 
 
 # Intervals at small n: below MIN_INTERVAL_N cases no interval is given ("too few"); below MIN_BOOTSTRAP_N, or when
