@@ -17,6 +17,7 @@ IMGSZ  ?= 640
 RUN    ?= finetune
 TRAIN_ARGS ?=
 TTA    ?= hflip
+CKPT   ?= best
 
 .PHONY: setup test test-fast serve predict dataset finetune candidate compare gpu-pack lint clean help
 
@@ -26,7 +27,7 @@ help:
 	@echo "make predict IMAGE=path   predict one image or a folder with the bundled model"
 	@echo "make dataset [DATA=..] [OUT=..]   build the merged dataset from the source sets"
 	@echo "make finetune [EPOCHS=8] [IMGSZ=640] [RUN=name] [TRAIN_ARGS=...]   one more warm-up + cosine cycle from the bundled model (runs/RUN)"
-	@echo "make candidate RUN=name [CAND=dir] [TTA=hflip|none]   runs/RUN's best weights as a bundle candidate (float16, rule, card, test)"
+	@echo "make candidate RUN=name [CAND=dir] [TTA=hflip|none] [CKPT=best|final]   runs/RUN's best (or last) epoch as a bundle candidate (float16, rule, card, test)"
 	@echo "make compare [CAND=dir]   candidate vs bundle on val and test (paired group bootstrap): replace when val excludes 0"
 	@echo "make gpu-pack   the merged tree as carry/pack.tar.gz (WebP at 640 px, ~45 MB) for scripts/gpu_train.sh on a lent GPU"
 
@@ -77,11 +78,12 @@ finetune: setup
 # float16-stored ONNX checked against it, box rule and thresholds chosen on val with the test-time augmentation TTA
 # (the card's `tta`; hflip: image + mirror, JOURNAL 2026-11-30), test metrics in the card, and its predictions
 # (records.json) for `make compare`. Then `make compare`: the replacement rule (JOURNAL 2026-11-29).
+# CKPT=final takes the schedule's last epoch instead of the best by the trainer's val (with --ema, the natural pick).
 CAND ?= runs/$(RUN)-candidate
 BUNDLE_EVAL := runs/bundle-eval
 
 candidate: setup
-	$(BIN)/python scripts/export_onnx.py --weights runs/$(RUN)/weights/best.pth --fp16-checkpoint $(CAND)/bone-r-default.pth \
+	$(BIN)/python scripts/export_onnx.py --weights runs/$(RUN)/weights/$(CKPT).pth --fp16-checkpoint $(CAND)/bone-r-default.pth \
 	  --out $(CAND)/bone-r-default.onnx --store-fp16 --conf 0.001 --check $$(ls $(OUT)/images/test/* | awk 'NR%40==1')
 	$(BIN)/python evaluate.py --weights $(CAND)/bone-r-default.onnx --data $(OUT)/dataset.yaml --box-rule choose --tta $(TTA) --write-card \
 	  --out $(CAND)/report.json --save-predictions $(CAND)/records.json --no-plots --quiet

@@ -20,7 +20,7 @@ Training: AdamW, linear warm-up then cosine, gradient clipping, horizontal flips
 and per-batch scale jitter (the long side drawn from ``--scale-min``..1 x imgsz).
 Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.001
 (`box_metrics`, pycocotools); the best epoch by val mAP@0.5 is kept as
-best.pth. Checkpoints are plain dicts of tensors and JSON values, read back with
+best.pth, the schedule's last epoch as final.pth (each with its card). Checkpoints are plain dicts of tensors and JSON values, read back with
 ``torch.load(..., weights_only=True)``.
 
 Under ``torchrun`` (RANK, WORLD_SIZE and LOCAL_RANK set) each process trains a DistributedDataParallel replica on
@@ -643,7 +643,12 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                                                            "best_score": best_score, "best_epoch": best_epoch,
                                                            "ema": None if ema is None else ema.model.state_dict()})
         log_epoch(run_dir, row)
-        write_best_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too
+        write_run_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too
+        if epoch + 1 == args.epochs:  # the schedule's end (with --ema: the average of its last steps), whatever val says
+            save_checkpoint(run_dir / "weights" / "final.pth", {"format": CHECKPOINT_FORMAT, "model": kept.state_dict(),
+                                                                 "config": config, "epoch": epoch + 1, "val_map50": map50,
+                                                                 "val_map50_95": metrics.get("map50_95")})
+            write_run_card(run_dir, run, args, info, config, started_from, epoch + 1, launch, weights="final.pth")
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "
               f"mAP50-95 {row['val_mAP50_95']:.4f}, {train_seconds:.1f} s train + {seconds - train_seconds:.1f} s val")
         if dist is not None:
@@ -656,7 +661,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     if not main_rank:
         return 0
     best = run_dir / "weights" / "best.pth"
-    card_path, card = write_best_card(run_dir, run, args, info, config, started_from, best_epoch, launch)
+    card_path, card = write_run_card(run_dir, run, args, info, config, started_from, best_epoch, launch)
     training = card.extra["training"]
     print(f"done: {training['epochs']} epoch(s), {training['seconds_per_epoch']} s/epoch; best epoch {best_epoch} "
           f"(val mAP50 {card.extra['training_validation']['val_mAP50']}); weights {display_path(best)}, card {display_path(card_path)}")
@@ -667,9 +672,11 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
     return 1 if rc else 0
 
 
-def write_best_card(run_dir: Path, run: dict[str, Any], args: argparse.Namespace, info: Any, config: dict[str, Any],
-                    started_from: str, best_epoch: int, launch: dict[str, Any] | None) -> tuple[Path, Any]:
-    """(card path, ModelCard): best.pth's model card from the run's files, as of the last finished epoch."""
+def write_run_card(run_dir: Path, run: dict[str, Any], args: argparse.Namespace, info: Any, config: dict[str, Any],
+                   started_from: str, best_epoch: int, launch: dict[str, Any] | None,
+                   weights: str = "best.pth") -> tuple[Path, Any]:
+    """(card path, ModelCard): the card of `weights` (best.pth, or final.pth whose "best_epoch" is the last one)
+    from the run's files, as of the last finished epoch."""
     training = training_summary(run_dir, run, args.seed, args.device)
     if launch is not None:
         training["distributed"] = launch  # this (the last) invocation's processes; run.json has each one's
@@ -683,7 +690,7 @@ def write_best_card(run_dir: Path, run: dict[str, Any], args: argparse.Namespace
                              "note": "val split during training (box_metrics); evaluate.py gives the reported metrics"},
         model_config=config,
     )
-    return write_card(run_dir / "weights" / "best.pth", card), card
+    return write_card(run_dir / "weights" / weights, card), card
 
 
 if __name__ == "__main__":

@@ -394,6 +394,7 @@ def test_ema_averages_every_step_is_what_is_validated_and_kept_and_resumes(tmp_p
     assert main(["--data", str(yaml_path), "--arch", "fasterrcnn", "--imgsz", "64", "--epochs", "2", "--stop-after", "1",
                  "--batch", "2", "--ema", "0.5", "--lr", "1e-3", *common]) == 0
     weights = tmp_path / "runs" / "e" / "weights"
+    assert not (weights / "final.pth").exists()
     last = torch.load(weights / "last.pth", map_location="cpu", weights_only=True)
     best = torch.load(weights / "best.pth", map_location="cpu", weights_only=True)
     assert set(best["model"]) == set(last["ema"]) == set(last["model"])
@@ -408,6 +409,11 @@ def test_ema_averages_every_step_is_what_is_validated_and_kept_and_resumes(tmp_p
                  "--ema", "0.5", "--lr", "1e-3", *straight]) == 0
     whole = torch.load(tmp_path / "runs" / "f" / "weights" / "last.pth", map_location="cpu", weights_only=True)
     assert resumed["epoch"] == whole["epoch"] == 2
+    # final.pth: the average at the schedule's end (not the best epoch's), with its own card; a stopped run has none
+    final = torch.load(weights / "final.pth", map_location="cpu", weights_only=True)
+    assert final["epoch"] == 2 and all(torch.equal(final["model"][k], resumed["ema"][k]) for k in final["model"])
+    assert json.loads((weights / "final.json").read_text())["training_validation"]["best_epoch"] == 2
+    assert (tmp_path / "runs" / "f" / "weights" / "final.pth").is_file()
     assert all(torch.allclose(resumed["ema"][k].float(), whole["ema"][k].float(), atol=1e-6) for k in whole["ema"])
     assert main(["--data", str(yaml_path), "--ema", "1", "--project", str(tmp_path / "runs")]) == 2
 
