@@ -20,7 +20,8 @@ Training: AdamW, linear warm-up then cosine, gradient clipping, horizontal flips
 and per-batch scale jitter (the long side drawn from ``--scale-min``..1 x imgsz).
 Every epoch: validation mAP@0.5 and mAP@0.5:0.95 on the val split at score >= 0.001
 (`box_metrics`, pycocotools); the best epoch by val mAP@0.5 is kept as
-best.pth, the schedule's last epoch as final.pth (each with its card). Checkpoints are plain dicts of tensors and JSON values, read back with
+best.pth, the schedule's last epoch as final.pth (each with its card).
+Checkpoints are plain dicts of tensors and JSON values, read back with
 ``torch.load(..., weights_only=True)``.
 
 Under ``torchrun`` (RANK, WORLD_SIZE and LOCAL_RANK set) each process trains a DistributedDataParallel replica on
@@ -633,11 +634,11 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
                "train_seconds": round(train_seconds, 2), "sec_per_train_image": round(train_seconds / max(1, epoch_size), 4),
                "seconds": round(seconds, 2),
                **({} if launch is None else {"world_size": dist.world_size, "effective_batch": launch["effective_batch"]})}
+        validated = {"format": CHECKPOINT_FORMAT, "model": kept.state_dict(), "config": config, "epoch": epoch + 1,
+                     "val_map50": map50, "val_map50_95": metrics.get("map50_95")}  # best.pth's and final.pth's contents
         if score > best_score:
             best_score, best_epoch = score, epoch + 1
-            save_checkpoint(run_dir / "weights" / "best.pth", {"format": CHECKPOINT_FORMAT, "model": kept.state_dict(),
-                                                                "config": config, "epoch": epoch + 1, "val_map50": map50,
-                                                                "val_map50_95": metrics.get("map50_95")})
+            save_checkpoint(run_dir / "weights" / "best.pth", validated)
         save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": config,
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
                                                            "best_score": best_score, "best_epoch": best_epoch,
@@ -645,9 +646,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
         log_epoch(run_dir, row)
         write_run_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too
         if epoch + 1 == args.epochs:  # the schedule's end (with --ema: the average of its last steps), whatever val says
-            save_checkpoint(run_dir / "weights" / "final.pth", {"format": CHECKPOINT_FORMAT, "model": kept.state_dict(),
-                                                                 "config": config, "epoch": epoch + 1, "val_map50": map50,
-                                                                 "val_map50_95": metrics.get("map50_95")})
+            save_checkpoint(run_dir / "weights" / "final.pth", validated)
             write_run_card(run_dir, run, args, info, config, started_from, epoch + 1, launch, weights="final.pth")
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row.get('loss', float('nan')):.4f}, val mAP50 {row['val_mAP50']:.4f}, "
               f"mAP50-95 {row['val_mAP50_95']:.4f}, {train_seconds:.1f} s train + {seconds - train_seconds:.1f} s val")
