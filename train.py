@@ -55,6 +55,7 @@ from bone_r.runs import (
     default_torch_threads,
     display_path,
     evaluate_after_training,
+    given_options,
     log_epoch,
     note_resume,
     online,
@@ -394,7 +395,7 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
         raise TrainError(f"{run_dir.name} already finished its {planned} epochs; to train further start a new run "
                          f"with --model {display_path(last)}")
     run = note_resume(run_dir, "train.py", argv)
-    given = _explicit(argv)
+    given = given_options(argv)
     for key in ("export", "opset", "static", "evaluate"):  # what to do after training: as first asked, unless given now
         if key not in given and key in saved:
             setattr(args, key, saved[key])
@@ -406,11 +407,6 @@ def _resume(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"resuming {run_dir.name} after epoch {done} of {planned}")
     train_args = dict(resume=str(last), workers=args.workers, plots=False, device=saved["device"])
     return _train_and_finish(model, train_args, run_dir, run, args)
-
-
-def _explicit(argv: list[str]) -> set[str]:
-    """Option names given on the command line (as argparse dests)."""
-    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
 
 
 def _train_and_finish(model: Any, train_args: dict[str, Any], run_dir: Path, run: dict[str, Any], args: argparse.Namespace) -> int:

@@ -47,6 +47,7 @@ from bone_r.runs import (
     DEFAULT_RUNS,
     TrainError,
     absolute,
+    continue_schedule,
     default_torch_threads,
     display_path,
     finite_float,
@@ -287,8 +288,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
             ckpt = torch.load(run_dir / "weights" / "last.pth", map_location="cpu", weights_only=True)
         except (OSError, RuntimeError) as err:
             raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
-        if ckpt["epoch"] >= args.epochs:
-            raise TrainError(f"{run_dir.name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']}")
+        continue_schedule(args, ckpt, argv, run_dir.name)
         run = note_resume(run_dir, "train_mura_cls.py", argv)
     if args.manifest is None:
         raise TrainError("--manifest is required (the CSV written by scripts/mura_to_yolo.py)")
@@ -376,7 +376,7 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
                                                                 "config": config, "epoch": epoch + 1, "val_auc": val["auc"]})
         save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "config": config,
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                                           "best_score": best_score, "best_epoch": best_epoch})
+                                                           "epochs": args.epochs, "best_score": best_score, "best_epoch": best_epoch})
         log_epoch(run_dir, row)
         print(f"epoch {epoch + 1}/{args.epochs}: loss {row['loss']:.4f}, val AUC {row['val_auc']:.4f} "
               f"(study {row['val_study_auc']:.4f}), {seconds:.1f} s")

@@ -58,6 +58,7 @@ from bone_r.runs import (
     ThreadGovernor,
     TrainError,
     absolute,
+    continue_schedule,
     display_path,
     evaluate_after_training,
     finite_float,
@@ -469,8 +470,7 @@ def _open_resumed(args: argparse.Namespace, argv: list[str], dist: distributed.D
         ckpt = load_checkpoint(last)
     except (FileNotFoundError, ValueError) as err:
         raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
-    if ckpt["epoch"] >= args.epochs:
-        raise TrainError(f"{run_dir.name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']} to train further")
+    continue_schedule(args, ckpt, argv, run_dir.name)
     run = note_resume(run_dir, "train_torchvision.py", argv, None if dist is None else {"distributed": dist.record(args.batch)})
     return run_dir, saved, ckpt, run
 
@@ -641,7 +641,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
             save_checkpoint(run_dir / "weights" / "best.pth", validated)
         save_checkpoint(run_dir / "weights" / "last.pth", {"format": CHECKPOINT_FORMAT, "model": net.state_dict(), "config": config,
                                                            "optimizer": optimizer.state_dict(), "epoch": epoch + 1,
-                                                           "best_score": best_score, "best_epoch": best_epoch,
+                                                           "epochs": args.epochs, "best_score": best_score, "best_epoch": best_epoch,
                                                            "ema": None if ema is None else ema.model.state_dict()})
         log_epoch(run_dir, row)
         write_run_card(run_dir, run, args, info, config, started_from, best_epoch, launch)  # a stopped run has its card too

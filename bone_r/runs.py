@@ -369,16 +369,30 @@ def evaluate_after_training(weights: Path, data: Path, threads: int) -> int:
     return done.returncode
 
 
+def given_options(argv: list[str]) -> set[str]:
+    """The long options on a command line, as argparse names them (``--stop-after=2`` -> ``stop_after``)."""
+    return {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+
+
 def restore_run_args(args: argparse.Namespace, saved: dict[str, Any], argv: list[str], changeable: set[str]) -> None:
     """On --resume: the run's saved settings, except `changeable` ones given again on this command line.
 
     Per-invocation options (resume, project, name, stop_after) always keep this invocation's values.
     """
-    given = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = given_options(argv)
     for key, value in saved.items():
         if key in {"resume", "project", "name", "stop_after"} or (key in changeable and key in given):
             continue
         setattr(args, key, Path(value) if isinstance(getattr(args, key, None), Path) and value else value)
+
+
+def continue_schedule(args: argparse.Namespace, ckpt: dict[str, Any], argv: list[str], run_name: str) -> None:
+    """On --resume: train on to the end of the schedule last.pth was saved in (``ckpt["epochs"]``: a resume with
+    --epochs N may have extended the run's first one) unless --epochs is given again; a finished schedule is refused."""
+    if "epochs" in ckpt and "epochs" not in given_options(argv):
+        args.epochs = int(ckpt["epochs"])
+    if ckpt["epoch"] >= args.epochs:
+        raise TrainError(f"{run_name} already finished {ckpt['epoch']} epoch(s); pass --epochs N > {ckpt['epoch']} to train further")
 
 
 def lr_at(iteration: int, total: int, warmup: int, base: float) -> float:

@@ -15,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from bone_r.runs import read_train_log
 from bone_r.synthetic import make_phantom
 
 FIELDS = ["image", "source", "region", "regions", "group", "label", "boxes", "weak", "original", "note", "patient", "study", "subset"]
@@ -123,3 +124,7 @@ def test_classifier_learns_phantoms_resumes_and_loads(tmp_path):
         assert 0.0 <= p <= 1.0
         probs[ph.box is not None].append(p)
     assert np.mean(probs[True]) > np.mean(probs[False])  # unseen phantoms: abnormal scores higher
+    # extended with --epochs and stopped inside the extension, a plain --resume trains to its end (not refused at 4)
+    assert main(["--resume", "--epochs", "6", "--stop-after", "1", *common]) == 0
+    assert main(["--resume", *common]) == 0
+    assert len(read_train_log(run)) == 6

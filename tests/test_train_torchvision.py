@@ -210,6 +210,12 @@ def test_torchvision_smoke_train_resume_and_predict(tmp_path):
     assert set(card["thresholds"]) == {"screening", "balanced", "specific"}
     assert card["metrics"]["split"] == "test" and 0 <= card["metrics"]["box"]["map50"] <= 1
     assert (run / "evaluate" / "best_test.json").is_file()  # the report stays in the run folder
+    # an extension is the run's schedule from then on: stopped inside it, a plain --resume finishes it (not the first 2)
+    assert main(["--resume", "--epochs", "5", "--stop-after", "1", *common]) == 0
+    assert main(["--resume", *common]) == 0
+    last = torch.load(run / "weights" / "last.pth", map_location="cpu", weights_only=True)
+    assert last["epoch"] == last["epochs"] == 5
+    assert torch.load(run / "weights" / "final.pth", map_location="cpu", weights_only=True)["epoch"] == 5
 
 
 @pytest.mark.slow
