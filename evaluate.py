@@ -191,15 +191,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--write-card", action="store_true", help="with --weights: write val-chosen thresholds and test metrics into the card")
     p.add_argument("--box-rule", choices=["card", "none", "choose"], default="card",
-                   help="with --weights: the card's box rule (default), none, or choose one on val (NMS IoU, containment, "
-                        "boxes per image; with --write-card it goes into the card)")
+                   help="the card's box rule (default; saved predictions: as they were made), none (--weights only), or "
+                        "choose one on val (NMS IoU, containment, boxes per image; with --write-card it goes into the card; "
+                        "with --predictions, e.g. an ensemble's, --save-predictions writes them with the rule applied)")
     p.add_argument("--tta", choices=["card", "none", "hflip"], default="card",
                    help="with --weights: the card's test-time augmentation (default), none, or hflip (the image and its "
                         "mirror, boxes fused; twice the model time; with --write-card it goes into the card)")
     p.add_argument("--imgsz", type=int, default=None,
                    help="with --weights: the long side the model sees (default: the card's; with --write-card it goes into "
                         "the card)")
-    p.add_argument("--save-predictions", type=Path, help="with --weights: also save the records (results.json format)")
+    p.add_argument("--save-predictions", type=Path,
+                   help="with --weights or --box-rule choose: also save the records (results.json format)")
     p.add_argument("--allow-missing", action="store_true", help="score images without a prediction as 'no detection' (listed as errors)")
     p.add_argument("--ultralytics-crosscheck", action="store_true", help="with YOLO .pt --weights: also run Ultralytics' val() and compare")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -211,8 +213,10 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--write-card needs --weights (the card lives next to the weights)"
     if args.write_card and args.thresholds:
         return "--write-card chooses thresholds on val; it cannot be combined with --thresholds"
-    if args.save_predictions and not args.weights:
-        return "--save-predictions needs --weights"
+    if args.save_predictions and not (args.weights or args.box_rule == "choose"):
+        return "--save-predictions needs --weights, or --box-rule choose (saved predictions with the rule chosen on val)"
+    if args.box_rule == "none" and not args.weights:
+        return "--box-rule none needs --weights (saved predictions keep the rule they were made with)"
     if args.tta != "card" and not args.weights:
         return "--tta needs --weights (saved predictions are scored as they were made)"
     if args.imgsz is not None and not args.weights:
@@ -270,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
                                 target_sensitivity=args.target_sensitivity, target_specificity=args.target_specificity,
                                 n_boot=args.n_boot, seed=args.seed, iou=args.iou, allow_missing=args.allow_missing,
                                 progress=not args.quiet, record_bases=bases, keep_records=bool(args.save_predictions),
-                                harmonize=args.harmonize, box_rule=args.box_rule if args.weights else "card")
+                                harmonize=args.harmonize, box_rule=args.box_rule)
         report["model"] = ({"weights": str(args.weights), "backend": predictor.name, "tta": predictor.settings.tta,
                             "imgsz": predictor.settings.imgsz}
                            if args.weights else {"predictions": str(args.predictions)})

@@ -770,9 +770,10 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
     notes: list[str] = []
     if box_rule not in ("card", "none", "choose"):
         raise DataError(f"box_rule must be card, none or choose, got {box_rule!r}")
-    if box_rule == "choose" and (not _is_predictor(predictions) or val_gt is None or val_split == split):
-        raise DataError("choosing a box rule needs a model (--weights) and a val split other than the scored one, "
-                        "without fixed --thresholds")
+    if box_rule == "choose" and (val_gt is None or val_split == split):
+        raise DataError("choosing a box rule needs a val split other than the scored one, without fixed --thresholds")
+    if box_rule == "none" and not _is_predictor(predictions):
+        raise DataError("saved predictions keep the box rule they were made with: box_rule 'none' needs a model (--weights)")
     rule_report: dict[str, Any] | None = None
     if _is_predictor(predictions):
         if box_rule != "card":
@@ -798,7 +799,8 @@ def run_evaluation(predictions: Any, data_yaml: str | Path, split: str = "test",
         val_errors = [f"{val_split}: {e}" for e in errs + (_missing(val_gt, val_preds, errs) if val_split != split else [])]
         if box_rule == "choose":
             rule, table = choose_box_rule(val_gt, val_preds)
-            predictions.box_rule = rule
+            if _is_predictor(predictions):
+                predictions.box_rule = rule
             rule_report = {"rule": rule.to_dict(), "source": val_split, "max_p90": BOX_RULE_MAX_P90, "search": table}
             # the rule keeps each image's top box, so the val image scores (and thresholds) stay as they are
             records, test_records = apply_box_rule(records, rule), apply_box_rule(test_records, rule)

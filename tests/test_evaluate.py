@@ -806,6 +806,32 @@ def test_cli_chooses_a_box_rule_on_val_and_writes_it_to_the_card(tree, tmp_path,
     assert rc == 2 and "Traceback" not in err
 
 
+def test_cli_chooses_a_box_rule_for_saved_predictions_and_saves_them_ruled(tree, tmp_path, capsys, oracle_backend):
+    # saved predictions (an ensemble's, say) get their own rule on val, like a model: the nested copies go
+    root, phantoms = tree
+    weights = write_oracle(tmp_path / "m", root, phantoms, Contract(), {"backend": "oracle"})
+    table = json.loads(weights.read_text())
+    for key, rows in table.items():
+        table[key] = [r for x1, y1, x2, y2, sc in rows for r in ([x1, y1, x2, y2, sc], [x1 + 1, y1 + 1, x2 - 1, y2 - 1, sc - 1e-3])]
+    weights.write_text(json.dumps(table))
+    raw, ruled, out = tmp_path / "raw.json", tmp_path / "ruled.json", tmp_path / "r.json"
+    common = ["--data", root / "dataset.yaml", "--out", out, "--n-boot", 0, "--quiet", "--no-plots"]
+    assert run_cli(["--weights", weights, "--box-rule", "none", "--save-predictions", raw, *common], capsys)[0] == 0
+    before = raw.read_bytes()
+    rc, _, err = run_cli(["--predictions", raw, "--box-rule", "choose", "--save-predictions", ruled, *common], capsys)
+    assert rc == 0, err
+    report = json.loads(out.read_text())
+    assert report["box_rule"]["source"] == "val" and report["boxes_per_flagged_image"]["balanced"]["max"] == 1
+    assert raw.read_bytes() == before  # the input is never changed
+    n_raw = [len(r["detections"]) for r in json.loads(before)]
+    n_ruled = [len(r["detections"]) for r in json.loads(ruled.read_text())]
+    assert len(n_ruled) == len(n_raw) and max(n_raw) == 2 and max(n_ruled) == 1 and sum(n_ruled) == sum(n_raw) // 2
+    # as they were made (card), there is nothing to save; none cannot undo a rule already applied
+    for bad in (["--save-predictions", ruled], ["--box-rule", "none"]):
+        rc, _, err = run_cli(["--predictions", raw, *bad, *common], capsys)
+        assert rc == 2 and "error:" in err and "Traceback" not in err
+
+
 def test_cli_measures_mirror_tta_and_writes_it_to_the_card(tree, tmp_path, capsys, oracle_backend):
     from bone_r.fusion import MirrorTTA
 
