@@ -123,7 +123,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     common.add_argument("--device", default="cpu")
 
     w = sub.add_parser("wbf", parents=[common], help="weighted box fusion across detectors")
-    w.add_argument("--predictions", nargs="+", default=[], metavar="NAME=RESULTS.json", help="saved val+test predictions per model")
+    w.add_argument("--predictions", nargs="+", default=[], metavar="NAME=RESULTS.json[,MORE.json]",
+                   help="saved val+test predictions per model (in one file, or several joined by commas)")
     w.add_argument("--models", nargs="+", default=[], metavar="NAME=WEIGHTS[:BACKEND]", help="models to predict val+test with")
     w.add_argument("--model-weights", nargs="+", type=float, help="one weight per model, in the order given (default all 1)")
     w.add_argument("--iou-thr", type=float, default=DEFAULT_IOU_THR, help=f"cluster IoU (default {DEFAULT_IOU_THR})")
@@ -182,9 +183,12 @@ def _run(args: argparse.Namespace) -> int:
             raise EnsembleError("--iou-thr and --skip-box-thr must lie in [0, 1]")
         named = []
         for spec in args.predictions:
-            name, path = _named(spec)
-            named.append((name, load_records(path)))
-            bases.append(Path(path).resolve().parent)
+            name, paths = _named(spec)
+            records = []
+            for path in paths.split(","):  # one model's predictions in several files (e.g. val and test saved apart)
+                records += load_records(path)
+                bases.append(Path(path).resolve().parent)
+            named.append((name, records))
         for spec in args.models:
             named.append(_predict_records(spec, args.data, args.split, args.val_split, args.device))
         if len(named) < 2:

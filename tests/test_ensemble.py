@@ -325,6 +325,13 @@ def test_cli_wbf(dataset, tmp_path, capsys):
     assert [r["name"] for r in payload["rows"]] == ["a", "b", "wbf(a+b)"]
     assert len(json.loads(fused.read_text())) == len(items)
     assert "wbf(a+b)" in capsys.readouterr().out
+    # a model's predictions saved in two files (val and test apart, say) are one model: the same fusion
+    records = json.loads(a.read_text())
+    a1, a2 = write(tmp_path / "a1.json", records[::2]), write(tmp_path / "a2.json", records[1::2])
+    fused2 = tmp_path / "fused2.json"
+    assert ensemble.main(["wbf", "--predictions", f"a={a1},{a2}", f"b={b}", "--fused-out", str(fused2)]) == 0
+    assert sorted(json.loads(fused2.read_text()), key=lambda r: r["image"]) == sorted(json.loads(fused.read_text()),
+                                                                                      key=lambda r: r["image"])
 
 
 def write_classifier(path: Path, p_abnormal: float, imgsz: int = 32) -> Path:
