@@ -495,6 +495,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
         else:  # rank 0 reads the run folder and hands it out: only its node needs the folder
             run_dir, saved, ckpt, run = distributed.broadcast_result(dist, lambda: _open_resumed(args, argv, dist))
             restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
+            continue_schedule(args, ckpt, argv, run_dir.name)  # every rank on the schedule last.pth was saved in
         info = load_dataset(args.data, args.contract)
     else:
         args.data, args.contract = absolute(args.data), absolute(args.contract)  # a later --resume may run elsewhere

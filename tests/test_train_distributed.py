@@ -123,11 +123,13 @@ def test_two_processes_train_on_disjoint_halves_in_step_and_only_rank_0_writes(t
     yaml_path = phantom_tree(tmp_path / "tree", n=12)  # 4 train, 4 val images
     runs = tmp_path / "runs"
     common = ["--project", str(runs), "--name", "ddp", "--quiet", "--cache", str(tmp_path / "cache")]
+    # the first invocation stops after epoch 1 of 2; a resume extends the run to 3 and stops after epoch 2; a plain
+    # resume trains epoch 3 on every rank (the extension is the run's schedule from then on)
     argvs = [["--data", str(yaml_path), "--imgsz", "64", "--epochs", "2", "--stop-after", "1", "--batch", "1",
-              "--seed", "3", *common], ["--resume", *common]]
+              "--seed", "3", *common], ["--resume", "--epochs", "3", "--stop-after", "1", *common], ["--resume", *common]]
     report = tmp_path / "report"
     report.mkdir()
-    ctx = mp.start_processes(_rank, args=(2, _free_ports(2), str(runs), argvs, str(report)), nprocs=2, join=False,
+    ctx = mp.start_processes(_rank, args=(2, _free_ports(3), str(runs), argvs, str(report)), nprocs=2, join=False,
                              start_method="spawn")
     try:
         deadline = time.monotonic() + 240
@@ -139,15 +141,15 @@ def test_two_processes_train_on_disjoint_halves_in_step_and_only_rank_0_writes(t
                 proc.kill()
             proc.join(timeout=10)
     ranks = [torch.load(report / f"rank{r}.pt", weights_only=True) for r in range(2)]
-    assert [r["rcs"] for r in ranks] == [[0, 0], [0, 0]]
+    assert [r["rcs"] for r in ranks] == [[0, 0, 0], [0, 0, 0]]
     # each epoch's 4 training images: 2 to each rank, none to both
-    for epoch_seed in (3000, 3001):
+    for epoch_seed in (3000, 3001, 3002):
         shares = [{i for s, i in r["seen"] if s == epoch_seed} for r in ranks]
         assert len(shares[0]) == len(shares[1]) == 2 and not shares[0] & shares[1], shares
         assert shares[0] | shares[1] == {0, 1, 2, 3}
-    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 4
+    assert len(ranks[0]["seen"]) == len(ranks[1]["seen"]) == 6
     # DDP averaged the gradients: after the first and the last step both ranks hold the same weights
-    assert ranks[0]["steps"] == ranks[1]["steps"] == 4  # 2 steps of 1 image per rank and epoch, 2 epochs
+    assert ranks[0]["steps"] == ranks[1]["steps"] == 6  # 2 steps of 1 image per rank and epoch, 3 epochs
     for key in ("first_step", "last_step"):
         assert len(ranks[0][key]) == len(ranks[1][key]) > 0
         for a, b in zip(ranks[0][key], ranks[1][key]):
@@ -160,12 +162,12 @@ def test_two_processes_train_on_disjoint_halves_in_step_and_only_rank_0_writes(t
     record = json.loads((run / "run.json").read_text())
     assert record["distributed"]["world_size"] == 2 and record["distributed"]["effective_batch"] == 2
     assert record["distributed"]["backend"] == "gloo"
-    assert [r["distributed"]["world_size"] for r in record["resumed"]] == [2]
-    # the --resume continued the run: epoch 2 in the log, in last.pth and in the card
+    assert [r["distributed"]["world_size"] for r in record["resumed"]] == [2, 2]
+    # the resumes continued the run: epochs 2 and 3 in the log, in last.pth and in the card
     with open(run / "train_log.csv") as fh:
         rows = list(csv.DictReader(fh))
-    assert [(r["epoch"], r["world_size"], r["effective_batch"]) for r in rows] == [("1", "2", "2"), ("2", "2", "2")]
-    assert torch.load(run / "weights" / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 2
+    assert [(r["epoch"], r["world_size"], r["effective_batch"]) for r in rows] == [("1", "2", "2"), ("2", "2", "2"), ("3", "2", "2")]
+    assert torch.load(run / "weights" / "last.pth", map_location="cpu", weights_only=True)["epoch"] == 3
     card = json.loads((run / "weights" / "best.json").read_text())
-    assert card["training"]["epochs"] == 2 and card["training"]["world_size_per_invocation"] == [2, 2]
+    assert card["training"]["epochs"] == 3 and card["training"]["world_size_per_invocation"] == [2, 2, 2]
     assert card["training"]["distributed"]["world_size"] == 2
