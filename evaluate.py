@@ -215,8 +215,6 @@ def _check_args(args: argparse.Namespace) -> str | None:
         return "--write-card chooses thresholds on val; it cannot be combined with --thresholds"
     if args.save_predictions and not (args.weights or args.box_rule == "choose"):
         return "--save-predictions needs --weights, or --box-rule choose (saved predictions with the rule chosen on val)"
-    if args.box_rule == "none" and not args.weights:
-        return "--box-rule none needs --weights (saved predictions keep the rule they were made with)"
     if args.tta != "card" and not args.weights:
         return "--tta needs --weights (saved predictions are scored as they were made)"
     if args.imgsz is not None and not args.weights:

@@ -456,13 +456,19 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         distributed.shutdown()
 
 
+def _restore(args: argparse.Namespace, saved: dict, ckpt: dict, argv: list[str], run_name: str) -> None:
+    """The resumed run's settings on `args`: its saved ones (but for what this command changes) and the schedule
+    last.pth was saved in. Every torchrun rank applies it, not rank 0 alone."""
+    restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
+    continue_schedule(args, ckpt, argv, run_name)
+
+
 def _open_resumed(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | None) -> tuple[Path, dict, dict, dict]:
     """(run folder, its saved args, last.pth, run record) of the run --resume continues; `args` restored from it."""
     if not args.name:
         raise TrainError("--resume needs --name of the run to continue")
     run_dir = prepare_run_dir(args.project, args.name, resume=True, exist_ok=False)
     saved = read_json(run_dir / "args.json")["args"]
-    restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
     last = run_dir / "weights" / "last.pth"
     from models.torchvision_det import load_checkpoint
 
@@ -470,7 +476,7 @@ def _open_resumed(args: argparse.Namespace, argv: list[str], dist: distributed.D
         ckpt = load_checkpoint(last)
     except (FileNotFoundError, ValueError) as err:
         raise TrainError(f"cannot resume {run_dir.name}: {err}") from None
-    continue_schedule(args, ckpt, argv, run_dir.name)
+    _restore(args, saved, ckpt, argv, run_dir.name)
     run = note_resume(run_dir, "train_torchvision.py", argv, None if dist is None else {"distributed": dist.record(args.batch)})
     return run_dir, saved, ckpt, run
 
@@ -494,8 +500,7 @@ def _train(args: argparse.Namespace, argv: list[str], dist: distributed.Dist | N
             run_dir, saved, ckpt, run = _open_resumed(args, argv, None)
         else:  # rank 0 reads the run folder and hands it out: only its node needs the folder
             run_dir, saved, ckpt, run = distributed.broadcast_result(dist, lambda: _open_resumed(args, argv, dist))
-            restore_run_args(args, saved, argv, RESUME_CHANGEABLE)
-            continue_schedule(args, ckpt, argv, run_dir.name)  # every rank on the schedule last.pth was saved in
+            _restore(args, saved, ckpt, argv, run_dir.name)
         info = load_dataset(args.data, args.contract)
     else:
         args.data, args.contract = absolute(args.data), absolute(args.contract)  # a later --resume may run elsewhere
